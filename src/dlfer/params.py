@@ -1,0 +1,189 @@
+"""Strict loading of params.yaml into frozen dataclasses.
+
+params.yaml is the only source of hyperparameters. It is read once per stage; unknown keys,
+missing keys and values of the wrong type stop the stage with a message naming the key,
+so a typo in an experiment (`dvc exp run -S finetune.learnig_rate=...`) cannot silently
+fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchParams:
+    source: str
+    sha256: str
+    source_domain: str
+    source_domain_size: int
+    source_domain_per_class: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateParams:
+    blank_max_std: float
+    near_duplicate_max_distance: int
+    require_official_counts: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessParams:
+    protocol: str
+    drop_blank: bool
+    drop_train_duplicates_of_eval: bool
+    drop_conflicting_labels: bool
+    subset_per_class: int
+    image_size: int
+    channels: int
+
+    def __post_init__(self):
+        _require_choice("preprocess.protocol", self.protocol, ("official", "paper"))
+        _require_choice("preprocess.channels", self.channels, (1, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentBalanceParams:
+    target_per_class: int
+    max_copies_per_image: int
+    rotation_degrees: float
+    zoom: float
+    shift: float
+    horizontal_flip: float
+    fill_mode: str
+
+    def __post_init__(self):
+        _require_choice("augment_balance.fill_mode", self.fill_mode, ("nearest", "reflect", "wrap", "constant"))
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainParams:
+    source: str
+    weights_file: str
+    backbone: str
+    image_size: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    max_seconds: float
+
+    def __post_init__(self):
+        _require_choice("pretrain.source", self.source, ("scratch", "imagenet", "none"))
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneParams:
+    backbone: str
+    epochs: int
+    batch_size: int
+    optimizer: str
+    learning_rate: float
+    beta_1: float
+    loss: str
+    label_smoothing: float
+    lr_schedule: str
+    class_weights: str
+    early_stopping_patience: int
+    monitor: str
+    dropout: float
+    max_seconds: float
+    mixed_precision: str
+    jit_compile: str
+    distribution: str
+
+    def __post_init__(self):
+        _require_choice("finetune.optimizer", self.optimizer, ("adam", "sgd"))
+        _require_choice("finetune.loss", self.loss, ("categorical_crossentropy", "binary_crossentropy"))
+        _require_choice("finetune.lr_schedule", self.lr_schedule, ("constant", "cosine", "plateau"))
+        _require_choice("finetune.class_weights", self.class_weights, ("none", "balanced"))
+        _require_choice("finetune.monitor", self.monitor, ("val_accuracy", "val_loss"))
+        for key in ("mixed_precision", "jit_compile"):
+            _require_choice(f"finetune.{key}", getattr(self, key), ("auto", "on", "off"))
+        _require_choice("finetune.distribution", self.distribution, ("auto", "none", "mirrored", "multi_worker"))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    flip_tta: bool
+    bootstrap_samples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareParams:
+    registered_model: str
+    alias: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    seed: int
+    fetch: FetchParams
+    validate: ValidateParams
+    preprocess: PreprocessParams
+    augment_balance: AugmentBalanceParams
+    pretrain: PretrainParams
+    finetune: FinetuneParams
+    evaluate: EvaluateParams
+    compare: CompareParams
+
+    def section(self, name: str) -> dict:
+        """One section as a flat dict, ready for MLflow's log_params."""
+        return dataclasses.asdict(getattr(self, name))
+
+
+class ParamsError(ValueError):
+    """params.yaml does not match the schema; the message names the key and the fix."""
+
+
+def _require_choice(key: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ParamsError(f"params.yaml: {key} is {value!r}; choose one of {', '.join(map(repr, choices))}")
+
+
+def _check_type(key: str, value, expected) -> object:
+    # YAML reads 1e-3 as a string and 3 as an int: accept ints for floats, nothing else loosely.
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise ParamsError(f"params.yaml: {key} must be true or false, got {value!r}")
+    if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ParamsError(f"params.yaml: {key} must be an integer, got {value!r}")
+    if not isinstance(value, expected):
+        raise ParamsError(f"params.yaml: {key} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params.yaml: {prefix or 'the file'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [field.name for field in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    missing = [name for name in names if name not in raw]
+    if unknown:
+        raise ParamsError(f"params.yaml: unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"known keys are {', '.join(prefix + n for n in names)}")
+    if missing:
+        raise ParamsError(f"params.yaml: missing key(s) {', '.join(prefix + k for k in missing)}")
+    values = {}
+    for name in names:
+        expected = hints[name]
+        if dataclasses.is_dataclass(expected):
+            values[name] = _build(expected, raw[name], f"{prefix}{name}.")
+        else:
+            values[name] = _check_type(prefix + name, raw[name], expected)
+    return cls(**values)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read params.yaml strictly into a frozen Params tree."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run from the repository root or pass --params")
+    with path.open() as handle:
+        raw = yaml.safe_load(handle)
+    return _build(Params, raw, "")

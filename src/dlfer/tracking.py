@@ -1,0 +1,125 @@
+"""MLflow tracking for the pipeline stages.
+
+Every stage opens one MLflow run named after itself and logs its params, metrics and
+artifacts. Runs of one pipeline execution are findable together through their tags:
+`git_commit`, `dvc_exp_name` (set by `dvc exp run`), `stage` and `data_hash`.
+
+Default store: `sqlite:///<repo>/mlflow.db` with artifacts under `<repo>/mlruns/`. The repo
+is the user's checkout even when DVC runs a queued experiment in a temporary copy under
+`.dvc/tmp/exps/`, so queued runs land in the same store. `MLFLOW_TRACKING_URI` overrides it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+EXPERIMENT_NAME = "dlfer"
+_DVC_TEMP_MARKER = os.path.join(".dvc", "tmp", "exps")
+
+
+def repository_root(start: str | Path | None = None) -> Path:
+    """The user's checkout: the nearest parent with dvc.yaml, stepping out of DVC's temporary exp copies."""
+    start = Path(start or os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    text = str(start)
+    if _DVC_TEMP_MARKER in text:
+        # A queued `dvc exp run` executes in <repo>/.dvc/tmp/exps/<tmpdir>/; the store belongs to <repo>.
+        return Path(text.split(os.sep + _DVC_TEMP_MARKER)[0])
+    for candidate in (start, *start.parents):
+        if (candidate / "dvc.yaml").exists():
+            return candidate
+    return start
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = root or repository_root()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def git_commit(root: Path | None = None) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or os.getcwd(), capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def data_hash(root: Path | None = None) -> str:
+    """The md5 DVC pins for the raw input in data.dvc, or 'unpinned'."""
+    path = (root or Path.cwd()) / "data.dvc"
+    try:
+        outs = yaml.safe_load(path.read_text())["outs"]
+        return str(outs[0]["md5"])
+    except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError):
+        return "unpinned"
+
+
+def run_tags(stage: str) -> dict[str, str]:
+    workdir = Path.cwd()
+    return {
+        "stage": stage,
+        "git_commit": git_commit(workdir),
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        "data_hash": data_hash(workdir),
+    }
+
+
+def configure() -> str:
+    """Point MLflow at the project's store and fail fast when a remote tracking server is unreachable."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    client = mlflow.MlflowClient()
+    if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
+        artifact_location = None
+        if uri.startswith("sqlite:///"):
+            artifact_location = (repository_root() / "mlruns").as_uri()
+        try:
+            client.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location)
+        except Exception:  # another stage created it first (parallel queued experiments)
+            if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
+                raise
+    mlflow.set_experiment(EXPERIMENT_NAME)
+    return uri
+
+
+def _check_server(uri: str) -> None:
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException as error:
+        raise SystemExit(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {error}. "
+                         "Start it, or unset MLFLOW_TRACKING_URI to use the local sqlite store.") from None
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict | None = None, run_name: str | None = None):
+    """Open the MLflow run of one stage, tagged so a whole pipeline execution can be found together."""
+    import mlflow
+
+    configure()
+    with mlflow.start_run(run_name=run_name or stage, tags=run_tags(stage)) as run:
+        if params:
+            mlflow.log_params(_flatten(params))
+        yield run
+
+
+def _flatten(params: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
