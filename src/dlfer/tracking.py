@@ -104,15 +104,24 @@ def _check_server(uri: str) -> None:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: dict | None = None, run_name: str | None = None):
+def stage_run(stage: str, params: dict | None = None, run_name: str | None = None, tags: dict | None = None):
     """Open the MLflow run of one stage, tagged so a whole pipeline execution can be found together."""
     import mlflow
 
     configure()
-    with mlflow.start_run(run_name=run_name or stage, tags=run_tags(stage)) as run:
+    with mlflow.start_run(run_name=run_name or stage, tags={**run_tags(stage), **(tags or {})}) as run:
         if params:
             mlflow.log_params(_flatten(params))
         yield run
+
+
+def log_numeric_metrics(metrics: dict, step: int | None = None) -> None:
+    """Log the numeric entries of a (possibly nested) metrics dict; text entries belong in tags or artifacts."""
+    import mlflow
+
+    numeric = {key: float(value) for key, value in _flatten(metrics).items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    mlflow.log_metrics(numeric, step=step)
 
 
 def _flatten(params: dict, prefix: str = "") -> dict:
