@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import typer
+import yaml
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -54,6 +55,60 @@ def setup_data(external: Path = typer.Option(Path("data/external"), help="folder
     if "modified" in status.stdout:
         typer.echo("setup-data: data/external differs from the data pinned in data.dvc; "
                    "`dvc commit data.dvc` pins yours (and `dvc push` shares it)", err=True)
+
+
+def load_profile(name_or_path: str) -> dict[str, object]:
+    """A profile: a flat YAML mapping of dotted params.yaml keys to values (profiles/<name>.yaml)."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = Path("profiles") / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in Path("profiles").glob("*.yaml")))
+        raise typer.BadParameter(f"{path}: no such profile; known profiles: {known}")
+    overrides = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(overrides, dict):
+        raise typer.BadParameter(f"{path}: must map dotted keys (finetune.epochs) to values")
+    return overrides
+
+
+def apply_overrides(params: dict, overrides: dict[str, object]) -> dict:
+    """params with the dotted-key overrides set; an unknown key is an error, as in `dvc exp run -S`."""
+    for dotted, value in overrides.items():
+        section = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            section = section.get(key) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or leaf not in section:
+            raise typer.BadParameter(f"profile key {dotted!r} is not in params.yaml")
+        section[leaf] = value
+    return params
+
+
+@app.command()
+def profile(name: str = typer.Argument(..., help="profile name in profiles/ (ci, paper_gpu, official_gpu) or a path"),
+            apply: bool = typer.Option(False, "--apply", help="write the values into params.yaml instead of printing -S flags"),
+            params_file: Path = typer.Option(Path("params.yaml"), "--params")) -> None:
+    """Print a profile as `dvc exp run -S` flags, or write it into params.yaml with --apply.
+
+    Example: dvc exp run -n paper-gpu $(dlfer profile paper_gpu)
+    """
+    overrides = load_profile(name)
+    if apply:
+        from ruamel.yaml import YAML  # keeps the comments of params.yaml (a dependency of dvc)
+
+        editor = YAML()
+        params = editor.load(params_file.read_text())
+        apply_overrides(params, overrides)
+        with params_file.open("w") as handle:
+            editor.dump(params, handle)
+        typer.echo(f"profile: wrote {len(overrides)} values of {name} into {params_file}", err=True)
+        return
+    apply_overrides(yaml.safe_load(params_file.read_text()), overrides)  # validate keys before printing
+    typer.echo(" ".join(f"-S {key}={_yaml_scalar(value)}" for key, value in overrides.items()))
+
+
+def _yaml_scalar(value) -> str:
+    return "true" if value is True else "false" if value is False else str(value)
 
 
 if __name__ == "__main__":
