@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -105,6 +106,48 @@ def profile(name: str = typer.Argument(..., help="profile name in profiles/ (ci,
         return
     apply_overrides(yaml.safe_load(params_file.read_text()), overrides)  # validate keys before printing
     typer.echo(" ".join(f"-S {key}={_yaml_scalar(value)}" for key, value in overrides.items()))
+
+
+@app.command()
+def check(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of the current run's metrics JSON files"),
+          baseline: Path = typer.Option(Path("baselines/ci.json"), help="committed baseline (dlfer baseline writes it)"),
+          policy: Path = typer.Option(Path("metrics_policy.yaml"), help="per-metric direction and tolerances")) -> None:
+    """Compare the current metrics with the baseline; exit 1 on a regression beyond the policy's tolerance."""
+    from dlfer import gate
+
+    try:
+        rules = gate.load_policy(policy)
+        if not baseline.is_file():
+            raise ValueError(f"{baseline}: baseline not found; create it with `dlfer baseline --out {baseline}`")
+        reference = json.loads(baseline.read_text())
+    except ValueError as error:
+        typer.echo(f"check: {error}", err=True)
+        raise typer.Exit(2)
+    verdicts = gate.judge(rules, reference, gate.collect_metrics(metrics_dir, list(rules)))
+    typer.echo(gate.markdown_table(verdicts))
+    if gate.failed(verdicts):
+        bad = [verdict.metric for verdict in verdicts if verdict.status in ("regressed", "missing")]
+        typer.echo(f"check: regression in {', '.join(bad)}", err=True)
+        raise typer.Exit(1)
+    typer.echo("check: no regression")
+
+
+@app.command()
+def baseline(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of the metrics JSON files to pin"),
+             out: Path = typer.Option(Path("baselines/ci.json"), help="baseline file to (over)write"),
+             policy: Path = typer.Option(Path("metrics_policy.yaml"))) -> None:
+    """Pin the current metrics as the new baseline. Never done silently: commit the file it writes."""
+    from dlfer import gate
+    from dlfer.files import write_json
+
+    rules = gate.load_policy(policy)
+    values = gate.collect_metrics(metrics_dir, list(rules))
+    missing = sorted(set(rules) - set(values))
+    if missing:
+        typer.echo(f"baseline: {metrics_dir} lacks {', '.join(missing)}; run the pipeline first", err=True)
+        raise typer.Exit(2)
+    write_json(out, values)
+    typer.echo(f"baseline: wrote {len(values)} metrics to {out}; review and commit it")
 
 
 def _yaml_scalar(value) -> str:

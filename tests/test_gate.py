@@ -1,0 +1,59 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dlfer import gate
+
+POLICY = """
+metrics:
+  evaluate.test_accuracy: {direction: higher, abs_tol: 0.02}
+  evaluate.loss: {direction: lower, rel_tol: 0.1}
+"""
+
+
+def write_run(folder, accuracy, loss):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "evaluate.json").write_text(json.dumps({"test_accuracy": accuracy, "loss": loss}))
+
+
+def test_judge_respects_direction_and_tolerances():
+    rules = {"a": gate.Rule("higher", abs_tol=0.02), "b": gate.Rule("lower", rel_tol=0.1)}
+    assert [v.status for v in gate.judge(rules, {"a": 0.5, "b": 1.0}, {"a": 0.481, "b": 1.09})] == ["ok", "ok"]
+    assert [v.status for v in gate.judge(rules, {"a": 0.5, "b": 1.0}, {"a": 0.47, "b": 1.2})] == ["regressed"] * 2
+    assert [v.status for v in gate.judge(rules, {"a": 0.5}, {"b": 1.0})] == ["missing", "new"]
+
+
+def test_policy_errors_name_the_file(tmp_path):
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("metrics:\n  x: {direction: up}\n")
+    with pytest.raises(ValueError, match="policy.yaml: x needs direction"):
+        gate.load_policy(bad)
+
+
+def dlfer(*arguments, cwd):
+    return subprocess.run([sys.executable, "-m", "dlfer.cli", *arguments], cwd=cwd, capture_output=True, text=True)
+
+
+def test_check_command_fails_a_worse_run_and_passes_an_equal_one(tmp_path):
+    (tmp_path / "metrics_policy.yaml").write_text(POLICY)
+    write_run(tmp_path / "metrics", accuracy=0.60, loss=1.0)
+    pinned = dlfer("baseline", cwd=tmp_path)
+    assert pinned.returncode == 0, pinned.stderr
+    assert json.loads((tmp_path / "baselines" / "ci.json").read_text())["evaluate.test_accuracy"] == 0.60
+
+    equal = dlfer("check", cwd=tmp_path)
+    assert equal.returncode == 0, equal.stdout + equal.stderr
+    assert "| evaluate.test_accuracy | 0.6000 | 0.6000 |" in equal.stdout
+
+    write_run(tmp_path / "metrics", accuracy=0.55, loss=1.0)
+    worse = dlfer("check", cwd=tmp_path)
+    assert worse.returncode == 1
+    assert "regressed" in worse.stdout and "evaluate.test_accuracy" in worse.stderr
+
+
+def test_check_without_baseline_says_how_to_make_one(tmp_path):
+    (tmp_path / "metrics_policy.yaml").write_text(POLICY)
+    result = dlfer("check", cwd=tmp_path)
+    assert result.returncode == 2 and "dlfer baseline" in result.stderr
