@@ -15,6 +15,10 @@ import tempfile
 from pathlib import Path
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(final_path: str | Path):
     """Yield a temporary path beside `final_path`; move it into place only if the block succeeds."""
@@ -23,6 +27,7 @@ def atomic_path(final_path: str | Path):
     handle, temporary = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".partial", dir=final_path.parent)
     os.close(handle)
     temporary = Path(temporary)
+    os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should be readable like any file
     try:
         yield temporary
         os.replace(temporary, final_path)

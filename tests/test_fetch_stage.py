@@ -1,0 +1,131 @@
+"""The fetch stage run as DVC runs it: a subprocess in a scratch project, on real FER2013 and Imagenette samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from dlfer.fer2013 import CANONICAL_COLUMNS, EMOTIONS, USAGES
+from dlfer.files import sha256_of_file
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SHARED = REPOSITORY.parent / "shared" / "datasets"
+FER2013_ZIP = SHARED / "fer2013" / "fer2013.zip"
+IMAGENETTE_ZIP = SHARED / "imagenette" / "imagenette-128.zip"
+OUTPUTS = ("data/raw/fer2013.parquet", "data/raw/source_domain.npz", "metrics/fetch.json")
+
+
+def sample_zip(source: Path, target: Path, per_group: int, group_of) -> Path:
+    """Copy the first `per_group` members of every group of a shared zip into a small zip."""
+    if not source.is_file():
+        pytest.skip(f"{source} absent: the stage test reads the shared dataset copy")
+    taken: dict[tuple, int] = {}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(target, "w") as sample:
+        for name in archive.namelist():
+            group = group_of(name)
+            if group is not None and taken.get(group, 0) < per_group:
+                taken[group] = taken.get(group, 0) + 1
+                sample.writestr(name, archive.read(name))
+    return target
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A scratch project: params.yaml from the repository with fetch pointed at small real samples."""
+    fer_zip = sample_zip(FER2013_ZIP, tmp_path / "downloads" / "fer-sample.zip", 3,
+                         lambda name: (name.split("/")[1], name.split("/")[2].split("_")[0]))
+    # Three Imagenette classes under data/external/, where `source_domain: auto` looks.
+    classes = ("n01440764", "n02102040", "n02979186")
+    sample_zip(IMAGENETTE_ZIP, tmp_path / "data" / "external" / "imagenette-sample.zip", 4,
+               lambda name: tuple(name.split("/")[:2]) if name.split("/")[1] in classes else None)
+    params = yaml.safe_load((REPOSITORY / "params.yaml").read_text())
+    params["fetch"].update(source=str(fer_zip), sha256="", source_domain="auto", source_domain_size=16,
+                           source_domain_per_class=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path, fer_zip, params
+
+
+def run_stage(directory: Path, params: dict | None = None) -> subprocess.CompletedProcess:
+    if params is not None:
+        (directory / "params.yaml").write_text(yaml.safe_dump(params))
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("DLFER_FER2013", "DLFER_SOURCE_DOMAIN", "DVC_ROOT")}
+    environment |= {"MLFLOW_TRACKING_URI": f"sqlite:///{directory / 'mlflow.db'}",
+                    "KAGGLEHUB_CACHE": str(directory / "kagglehub-cache")}
+    command = [sys.executable, str(REPOSITORY / "stages" / "fetch.py"), "--params", "params.yaml",
+               "--out", OUTPUTS[0], "--source-domain-out", OUTPUTS[1], "--metrics", OUTPUTS[2]]
+    return subprocess.run(command, cwd=directory, env=environment, capture_output=True, text=True, timeout=120)
+
+
+def test_stage_writes_table_source_domain_metrics_and_mlflow_run(project):
+    directory, fer_zip, _ = project
+    result = run_stage(directory)
+    assert result.returncode == 0, result.stderr
+
+    table = pd.read_parquet(directory / OUTPUTS[0])
+    assert tuple(table.columns) == CANONICAL_COLUMNS
+    assert len(table) == 3 * len(EMOTIONS) * len(USAGES)  # the sample holds 3 per (emotion, usage)
+    metrics = json.loads((directory / OUTPUTS[2]).read_text())
+    assert metrics["images"] == len(table)
+    assert metrics["usage"] == {usage: int((table["usage"] == usage).sum()) for usage in USAGES}
+    assert metrics["class"]["PublicTest"]["disgust"] == len(table.query("usage == 'PublicTest' and emotion == 'disgust'"))
+    assert metrics["source"] == {"kind": "zip", "origin": "fetch.source", "location": str(fer_zip),
+                                 "sha256": sha256_of_file(fer_zip)}
+    assert metrics["source_domain"]["origin"] == "data/external"
+    with np.load(directory / OUTPUTS[1]) as domain:
+        assert domain["train_images"].shape == (3 * 2, 16, 16, 3)
+        assert domain["val_images"].shape == (3 * 4, 16, 16, 3)
+        assert domain["class_names"].tolist() == sorted(domain["class_names"].tolist())
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{directory / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["dlfer"], filter_string="attributes.run_name = 'fetch'",
+                              output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.metrics["images"] == len(table) and run.data.metrics["usage.Training"] == metrics["usage"]["Training"]
+    assert run.data.params["fetch.source"] == str(fer_zip) and run.data.params["seed"] == "42"
+    assert run.data.tags["source.sha256"] == sha256_of_file(fer_zip)
+    artifacts = [item.path for item in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
+    assert artifacts == ["fetch.json"]
+
+
+def test_stage_refuses_bad_input_with_one_line_and_keeps_earlier_outputs(project):
+    directory, fer_zip, params = project
+    params["fetch"]["source_domain"] = ""
+    assert run_stage(directory, params).returncode == 0
+    with np.load(directory / OUTPUTS[1]) as domain:  # skipped: present, with zero-length arrays
+        assert domain["train_images"].shape == (0, 16, 16, 3) and domain["class_names"].size == 0
+    before = {name: (directory / name).read_bytes() for name in OUTPUTS}
+
+    truncated = directory / "downloads" / "truncated.zip"
+    truncated.write_bytes(fer_zip.read_bytes()[:5000])
+    cases = [
+        (dict(source=str(truncated)), str(truncated)),
+        (dict(source=str(fer_zip), sha256="0" * 64), "fer-sample.zip"),
+        (dict(source="auto"), "DLFER_FER2013"),
+        (dict(source=str(fer_zip), source_domain="missing-folder"), "missing-folder"),
+    ]
+    for changes, named in cases:
+        result = run_stage(directory, params | {"fetch": params["fetch"] | changes})
+        assert result.returncode == 2, (changes, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fetch: ") and named in lines[0], result.stderr
+        assert {name: (directory / name).read_bytes() for name in OUTPUTS} == before
+    leftovers = [path.name for path in directory.rglob("*.partial")]
+    assert leftovers == []
+
+    params["fetch"]["source_domain_sizee"] = 16
+    result = run_stage(directory, params)
+    assert result.returncode == 2 and "unknown key(s) fetch.source_domain_sizee" in result.stderr
