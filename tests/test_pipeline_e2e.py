@@ -67,7 +67,7 @@ def test_every_stage_ran_and_wrote_its_metrics(pipeline):
         evaluate = read_metrics(project, f"evaluate_{variant}")
         assert evaluate["n_test"] == 3589  # the whole official PrivateTest, untouched by the subset
         assert 0.0 < evaluate["test_accuracy"] <= 1.0
-        assert evaluate["ci95_accuracy_low"] <= evaluate["test_accuracy"] <= evaluate["ci95_accuracy_high"]
+        assert evaluate["test_accuracy_ci95_low"] <= evaluate["test_accuracy"] <= evaluate["test_accuracy_ci95_high"]
     assert (project / "reports" / "compare.md").read_text().count("82.09") >= 1
     assert (project / "models" / "finetune" / "with_ef_fer1" / "model.keras").is_file()
 

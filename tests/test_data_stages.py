@@ -1,0 +1,124 @@
+"""preprocess and augment_balance run as DVC runs them, on a tiny canonical table in tmp_path."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import PROJECT, stage_environment
+from dlfer.fer2013 import EMOTIONS, USAGES
+
+
+def tiny_raw_table(per_class_usage: dict[str, int], seed: int = 0) -> pd.DataFrame:
+    """A canonical table of random 48x48 faces: per_class_usage maps usage -> images per class."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for usage in USAGES:
+        for label, emotion in enumerate(EMOTIONS):
+            for _ in range(per_class_usage[usage] if emotion != "disgust" else max(per_class_usage[usage] // 3, 1)):
+                pixels = rng.integers(0, 256, 48 * 48, dtype=np.uint8).tobytes()
+                rows.append({"usage": usage, "label": label, "emotion": emotion, "height": 48, "width": 48,
+                             "channels": 1, "pixels": pixels, "sha256": hashlib.sha256(pixels).hexdigest(),
+                             "source": f"row {len(rows)}"})
+    table = pd.DataFrame(rows)
+    table["image_id"] = [f"{usage}_{index:05d}" for index, usage in enumerate(table["usage"])]
+    return table
+
+
+def tiny_audit(table: pd.DataFrame) -> pd.DataFrame:
+    audit = pd.DataFrame({"image_id": table["image_id"], "blank": False, "exact_group": -1, "near_group": -1,
+                          "cross_usage_duplicate": False, "label_conflict": False})
+    train = np.flatnonzero(table["usage"] == "Training")
+    test = np.flatnonzero(table["usage"] == "PrivateTest")
+    audit.loc[train[0], "blank"] = True
+    audit.loc[[train[1], test[0]], "exact_group"] = 0  # a Training image duplicated in the test usage
+    audit.loc[[train[1], test[0]], "cross_usage_duplicate"] = True
+    return audit
+
+
+@pytest.fixture
+def project(tmp_path):
+    table = tiny_raw_table({"Training": 12, "PublicTest": 3, "PrivateTest": 3})
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "data" / "validated").mkdir(parents=True)
+    table.to_parquet(tmp_path / "data" / "raw" / "fer2013.parquet")
+    tiny_audit(table).to_parquet(tmp_path / "data" / "validated" / "audit.parquet")
+    shutil.copy2(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(PROJECT / "stages", tmp_path / "stages")
+    return tmp_path
+
+
+def set_params(project: Path, **sections) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def run_stage(project: Path, name: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"stages/{name}.py"], cwd=project, env=stage_environment(project),
+                          capture_output=True, text=True, timeout=300)
+
+
+def load(path: Path) -> dict:
+    with np.load(path) as stored:
+        return {key: stored[key] for key in stored.files}
+
+
+def test_official_protocol_drops_flagged_train_images_and_balances_train_only(project):
+    for stage in ("preprocess", "augment_balance"):
+        result = run_stage(project, stage)
+        assert result.returncode == 0, result.stderr
+    dataset = load(project / "data" / "prepared" / "dataset.npz")
+    assert dataset["images"].shape[1:] == (48, 48) and dataset["images"].dtype == np.uint8
+    train, val, test = (load(project / "data" / "balanced" / f"{name}.npz") for name in ("train", "val", "test"))
+    assert len(test["labels"]) == 7 * 3 - 2  # disgust has 1 per eval usage; test keeps its duplicate
+    assert len(val["labels"]) == 7 * 3 - 2
+    assert not any("~aug" in image_id for image_id in np.concatenate([val["ids"], test["ids"]]))
+    counts = np.bincount(train["labels"], minlength=7)
+    assert (counts == counts.max()).all()  # balanced
+    metrics = yaml.safe_load((project / "metrics" / "augment_balance.json").read_text())
+    assert metrics["before"]["disgust"] == 4 and metrics["after"]["disgust"] == counts.max()
+    prepared = yaml.safe_load((project / "metrics" / "preprocess.json").read_text())
+    assert prepared["dropped_blank"] == 1 and prepared["dropped_duplicate_of_eval"] == 1
+    assert (project / "reports" / "augment_balance" / "samples.png").stat().st_size > 1000
+
+
+def test_paper_protocol_augments_the_pool_before_splitting(project):
+    set_params(project, preprocess={"protocol": "paper"})
+    for stage in ("preprocess", "augment_balance"):
+        result = run_stage(project, stage)
+        assert result.returncode == 0, result.stderr
+    parts = {name: load(project / "data" / "balanced" / f"{name}.npz") for name in ("train", "val", "test")}
+    sizes = {name: len(part["labels"]) for name, part in parts.items()}
+    total = sum(sizes.values())
+    assert abs(sizes["test"] - 0.2 * total) <= 7 and abs(sizes["val"] - 0.16 * total) <= 7
+    # The leak the paper's order causes: augmented copies of one face on both sides of the split.
+    origin = {name: {image_id.split("~")[0] for image_id in part["ids"]} for name, part in parts.items()}
+    assert origin["train"] & origin["test"]
+    assert any("~aug" in image_id for image_id in parts["test"]["ids"])
+
+
+def test_augment_balance_is_repeatable(project):
+    assert run_stage(project, "preprocess").returncode == 0
+    assert run_stage(project, "augment_balance").returncode == 0
+    first = load(project / "data" / "balanced" / "train.npz")
+    assert run_stage(project, "augment_balance").returncode == 0
+    second = load(project / "data" / "balanced" / "train.npz")
+    assert np.array_equal(first["images"], second["images"]) and np.array_equal(first["ids"], second["ids"])
+
+
+def test_missing_input_is_one_clear_line_and_writes_nothing(project):
+    (project / "data" / "validated" / "audit.parquet").unlink()
+    result = run_stage(project, "preprocess")
+    assert result.returncode != 0
+    assert "audit.parquet: not found; run `dvc repro validate` first" in result.stderr
+    assert not (project / "data" / "prepared").exists()
