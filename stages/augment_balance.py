@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, default=Path("metrics/augment_balance.json"))
     args = parser.parse_args()
     started = time.perf_counter()
+    tracking.configure()  # fail fast on an unreachable tracking server, before any work
     try:
         params = load_params(args.params)
         if not args.dataset.is_file():

@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, default=Path("metrics/preprocess.json"))
     args = parser.parse_args()
     started = time.perf_counter()
+    tracking.configure()  # fail fast on an unreachable tracking server, before any work
     try:
         params = load_params(args.params)
         table, audit = load_inputs(args.raw, args.audit)

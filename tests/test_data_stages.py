@@ -2,46 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 
-from conftest import PROJECT, stage_environment
-from dlfer.fer2013 import EMOTIONS, USAGES
-
-
-def tiny_raw_table(per_class_usage: dict[str, int], seed: int = 0) -> pd.DataFrame:
-    """A canonical table of random 48x48 faces: per_class_usage maps usage -> images per class."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for usage in USAGES:
-        for label, emotion in enumerate(EMOTIONS):
-            for _ in range(per_class_usage[usage] if emotion != "disgust" else max(per_class_usage[usage] // 3, 1)):
-                pixels = rng.integers(0, 256, 48 * 48, dtype=np.uint8).tobytes()
-                rows.append({"usage": usage, "label": label, "emotion": emotion, "height": 48, "width": 48,
-                             "channels": 1, "pixels": pixels, "sha256": hashlib.sha256(pixels).hexdigest(),
-                             "source": f"row {len(rows)}"})
-    table = pd.DataFrame(rows)
-    table["image_id"] = [f"{usage}_{index:05d}" for index, usage in enumerate(table["usage"])]
-    return table
-
-
-def tiny_audit(table: pd.DataFrame) -> pd.DataFrame:
-    audit = pd.DataFrame({"image_id": table["image_id"], "blank": False, "exact_group": -1, "near_group": -1,
-                          "cross_usage_duplicate": False, "label_conflict": False})
-    train = np.flatnonzero(table["usage"] == "Training")
-    test = np.flatnonzero(table["usage"] == "PrivateTest")
-    audit.loc[train[0], "blank"] = True
-    audit.loc[[train[1], test[0]], "exact_group"] = 0  # a Training image duplicated in the test usage
-    audit.loc[[train[1], test[0]], "cross_usage_duplicate"] = True
-    return audit
+from conftest import PROJECT, stage_environment, tiny_audit, tiny_raw_table
 
 
 @pytest.fixture

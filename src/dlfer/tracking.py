@@ -20,6 +20,7 @@ import yaml
 
 EXPERIMENT_NAME = "dlfer"
 _DVC_TEMP_MARKER = os.path.join(".dvc", "tmp", "exps")
+_CONFIGURED: set[str] = set()
 
 
 def repository_root(start: str | Path | None = None) -> Path:
@@ -76,6 +77,8 @@ def configure() -> str:
     import mlflow
 
     uri = tracking_uri()
+    if uri in _CONFIGURED:
+        return uri
     mlflow.set_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
@@ -90,6 +93,7 @@ def configure() -> str:
             if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
                 raise
     mlflow.set_experiment(EXPERIMENT_NAME)
+    _CONFIGURED.add(uri)
     return uri
 
 

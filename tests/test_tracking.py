@@ -1,0 +1,119 @@
+"""MLflow tracking: store location, tags, a real `mlflow server`, and failing fast when it is down."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT, stage_environment, tiny_audit, tiny_raw_table
+from dlfer import tracking
+
+
+def test_repository_root_steps_out_of_dvc_temporary_experiment_copies(tmp_path):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    queued = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123" / "stages"
+    queued.mkdir(parents=True)
+    assert tracking.repository_root(queued) == tmp_path
+    assert tracking.repository_root(tmp_path / "stages") == tmp_path
+
+
+def test_default_store_is_sqlite_at_the_root_and_the_environment_overrides(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5999"
+
+
+def test_run_tags_carry_stage_commit_experiment_and_data_hash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-lark")
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: abc123.dir\n  path: data/external\n")
+    tags = tracking.run_tags("finetune")
+    assert tags["stage"] == "finetune" and tags["dvc_exp_name"] == "brisk-lark" and tags["data_hash"] == "abc123.dir"
+    assert tags["git_commit"] == "unknown"  # tmp_path is no git checkout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def small_project(tmp_path: Path) -> Path:
+    table = tiny_raw_table({"Training": 4, "PublicTest": 2, "PrivateTest": 2})
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "data" / "validated").mkdir(parents=True)
+    table.to_parquet(tmp_path / "data" / "raw" / "fer2013.parquet")
+    tiny_audit(table).to_parquet(tmp_path / "data" / "validated" / "audit.parquet")
+    shutil.copy2(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(PROJECT / "stages", tmp_path / "stages")
+    return tmp_path
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` with a database backend on 127.0.0.1, stopped after the test."""
+    port = free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{store / 'server.db'}", "--artifacts-destination", str(store / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    import requests
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                break
+        except requests.RequestException:
+            time.sleep(1)
+    else:
+        server.kill()
+        pytest.fail("mlflow server did not come up within 120 s")
+    yield url
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def test_a_stage_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):
+    project = small_project(tmp_path)
+    environment = stage_environment(project)
+    environment["MLFLOW_TRACKING_URI"] = mlflow_server
+    result = subprocess.run([sys.executable, "stages/preprocess.py"], cwd=project, env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)  # MLflow's REST client
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT_NAME)
+    [run] = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'preprocess'")
+    assert run.data.params["protocol"] == "official"
+    assert run.data.metrics["n_train"] > 0
+    assert [artifact.path for artifact in client.list_artifacts(run.info.run_id)] == ["preprocess.json"]
+
+
+def test_an_unreachable_server_stops_the_stage_before_any_work(tmp_path):
+    project = small_project(tmp_path)
+    environment = stage_environment(project)
+    environment["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "stages/preprocess.py"], cwd=project, env=environment,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "is unreachable" in result.stderr and "MLFLOW_TRACKING_URI" in result.stderr
+    assert not (project / "data" / "prepared").exists()
+    assert time.monotonic() - started < 60
