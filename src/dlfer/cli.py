@@ -150,6 +150,19 @@ def baseline(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of t
     typer.echo(f"baseline: wrote {len(values)} metrics to {out}; review and commit it")
 
 
+@app.command()
+def runs(limit: int = typer.Option(20, help="how many evaluate runs to show, newest first")) -> None:
+    """Print the comparison table of recent experiments from the MLflow store (MLFLOW_TRACKING_URI or mlflow.db)."""
+    import mlflow
+
+    from dlfer import experiments, tracking
+
+    tracking.configure()
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT_NAME)
+    typer.echo(experiments.format_table(experiments.recent_runs(client, experiment.experiment_id, limit)))
+
+
 def _yaml_scalar(value) -> str:
     return "true" if value is True else "false" if value is False else str(value)
 
