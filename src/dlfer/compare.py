@@ -1,0 +1,389 @@
+"""Setting this run's measured figures beside the paper's claims, its literature table and honest anchors.
+
+Everything here reads numbers other stages wrote (metrics/*.json, MLflow runs) and never
+recomputes a metric. Stored scores are fractions in [0, 1]; the paper prints percentages, so
+its figures are divided by 100 before any difference is taken, and the report prints both
+as percentages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+# with_ef_fer1: EF-FER2 initialised from EF-FER1 (the paper's DLFER); without: random initialisation.
+VARIANTS = ("with_ef_fer1", "without_ef_fer1")
+VARIANT_LABELS = {"with_ef_fer1": "DLFER with EF-FER1", "without_ef_fer1": "DLFER without EF-FER1"}
+PROTOCOLS = ("official", "paper")
+FINETUNE_KEYS = ("train_accuracy", "val_accuracy", "val_macro_f1")
+EVALUATE_KEYS = ("test_accuracy", "f1_macro", "precision_macro", "recall_macro", "paper_eq1_accuracy",
+                 "test_accuracy_ci95_low", "test_accuracy_ci95_high", "f1_macro_ci95_low", "f1_macro_ci95_high")
+# Metrics of the evaluate runs set side by side across protocols.
+PROTOCOL_METRICS = ("test_accuracy", "f1_macro", "precision_macro", "recall_macro")
+CONTEXT_FILES = ("validate", "augment_balance", "pretrain")
+
+
+class CompareInputError(ValueError):
+    """An input of the compare stage is missing or malformed; the message names the file and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class References:
+    paper: dict
+    claims: dict
+    protocol: dict
+    anchors: list
+    literature: pd.DataFrame
+    literature_note: str
+
+
+def load_references(directory: str | Path) -> References:
+    """references/paper.yaml and the literature table it names, checked for every key compare reads."""
+    directory = Path(directory)
+    path = directory / "paper.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+        claims = raw["claims"]
+        numbers = [claims[key] for key in ("test_accuracy", "precision", "recall", "f1")]
+        numbers += [claims["ablation"][variant][key] for variant in VARIANTS
+                    for key in ("train_accuracy", "val_accuracy", "test_accuracy")]
+        numbers += [anchor["accuracy"] for anchor in raw["anchors"]]
+        texts = [raw["paper"][key] for key in ("title", "author", "venue", "doi")]
+        texts += [raw["protocol"][key] for key in ("summary", "leak")]
+        texts += [anchor[key] for anchor in raw["anchors"] for key in ("name", "split", "citation")]
+        texts += [raw["literature"]["file"], raw["literature"]["note"]]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as error:
+        raise CompareInputError(f"{path}: unreadable or missing key {error}; restore it from git") from None
+    if not all(isinstance(number, (int, float)) for number in numbers) or not all(isinstance(text, str) for text in texts):
+        raise CompareInputError(f"{path}: figures must be numbers and descriptions strings; restore it from git")
+
+    literature_file = directory / raw["literature"]["file"]
+    if not literature_file.is_file():
+        raise CompareInputError(f"{literature_file}: not found; restore it from git")
+    # Strings as printed ("79", not 79.0); blanks stay blank.
+    literature = pd.read_csv(literature_file, dtype=str, keep_default_na=False)
+    if list(literature.columns) != ["reference", "year", "architecture", "accuracy"]:
+        raise CompareInputError(f"{literature_file}: columns must be reference,year,architecture,accuracy; "
+                                f"got {','.join(literature.columns)}")
+    return References(paper=raw["paper"], claims=claims, protocol=raw["protocol"], anchors=raw["anchors"],
+                      literature=literature, literature_note=raw["literature"]["note"])
+
+
+def _read_metrics_file(path: Path, required: tuple[str, ...], producer: str) -> dict:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CompareInputError(f"{path}: unreadable ({error}); run `dvc repro {producer}`") from None
+    missing = [key for key in required if key not in values]
+    if missing:
+        raise CompareInputError(f"{path}: missing key(s) {', '.join(missing)}; rerun `dvc repro {producer}`")
+    return values
+
+
+def read_stage_metrics(metrics_dir: str | Path) -> dict:
+    """finetune and evaluate metrics per variant (required), plus validate/augment_balance/pretrain (optional)."""
+    metrics_dir = Path(metrics_dir)
+    stage_metrics = {"finetune": {}, "evaluate": {}, "context": {}}
+    for variant in VARIANTS:
+        stage_metrics["finetune"][variant] = _read_metrics_file(
+            metrics_dir / f"finetune_{variant}.json", FINETUNE_KEYS, "finetune")
+        stage_metrics["evaluate"][variant] = _read_metrics_file(
+            metrics_dir / f"evaluate_{variant}.json", EVALUATE_KEYS, "evaluate")
+    for name in CONTEXT_FILES:
+        path = metrics_dir / f"{name}.json"
+        # Context only: the report says plainly when one is absent instead of failing the comparison.
+        stage_metrics["context"][name] = _read_metrics_file(path, (), name) if path.is_file() else None
+    return stage_metrics
+
+
+def latest_evaluate_runs(experiment_name: str) -> dict:
+    """The most recent finished evaluate run per (protocol, variant) in the MLflow store, or None.
+
+    Each found run gives {run_id, start_time, metrics, tags, finetune_params}; finetune_params
+    are the params of the finetune run it evaluated, so the report can show what else differed.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    found = {}
+    for protocol in PROTOCOLS:
+        for variant in VARIANTS:
+            runs = mlflow.search_runs(
+                experiment_names=[experiment_name], output_format="list", max_results=1,
+                filter_string=(f"tags.stage = 'evaluate' AND tags.protocol = '{protocol}' "
+                               f"AND tags.variant = '{variant}' AND attributes.status = 'FINISHED'"),
+                order_by=["attributes.start_time DESC"])
+            if not runs:
+                found[(protocol, variant)] = None
+                continue
+            run = runs[0]
+            # None (untagged run, or its finetune run lives in another store) makes the report say it
+            # cannot list the other differences, rather than claim there are none.
+            finetune_params = None
+            try:
+                finetune_params = client.get_run(run.data.tags["finetune_run_id"]).data.params
+            except (KeyError, MlflowException):
+                pass
+            found[(protocol, variant)] = {"run_id": run.info.run_id, "start_time": run.info.start_time,
+                                          "metrics": dict(run.data.metrics), "tags": dict(run.data.tags),
+                                          "finetune_params": finetune_params}
+    return found
+
+
+def summarise(stage_metrics: dict, references: References, protocol_runs: dict, registration: dict) -> dict:
+    """The compare metrics (metrics/compare.json): measured figures, differences, registry outcome."""
+    summary = {}
+    for variant in VARIANTS:
+        evaluated = stage_metrics["evaluate"][variant]
+        for key in ("test_accuracy", "f1_macro", "test_accuracy_ci95_low", "test_accuracy_ci95_high",
+                    "f1_macro_ci95_low", "f1_macro_ci95_high"):
+            summary[f"{key}_{variant}"] = float(evaluated[key])
+        for key in FINETUNE_KEYS:
+            summary[f"{key}_{variant}"] = float(stage_metrics["finetune"][variant][key])
+
+    with_metrics = stage_metrics["evaluate"]["with_ef_fer1"]
+    without_metrics = stage_metrics["evaluate"]["without_ef_fer1"]
+    summary["ablation_delta_accuracy"] = with_metrics["test_accuracy"] - without_metrics["test_accuracy"]
+    summary["ablation_delta_f1_macro"] = with_metrics["f1_macro"] - without_metrics["f1_macro"]
+    claims = references.claims
+    summary["paper_ablation_delta_accuracy"] = (claims["ablation"]["with_ef_fer1"]["test_accuracy"]
+                                                - claims["ablation"]["without_ef_fer1"]["test_accuracy"]) / 100
+    # Positive: the paper claims more than this run measured.
+    summary["paper_claim_gap"] = claims["test_accuracy"] / 100 - with_metrics["test_accuracy"]
+    summary["paper_claim_gap_f1"] = claims["f1"] / 100 - with_metrics["f1_macro"]
+    summary["paper_claim_inside_ci95"] = bool(
+        with_metrics["test_accuracy_ci95_low"] <= claims["test_accuracy"] / 100 <= with_metrics["test_accuracy_ci95_high"])
+
+    for variant in VARIANTS:
+        runs = {protocol: protocol_runs.get((protocol, variant)) for protocol in PROTOCOLS}
+        for metric in ("test_accuracy", "f1_macro"):
+            values = {protocol: run["metrics"].get(metric) for protocol, run in runs.items() if run is not None}
+            for protocol, value in values.items():
+                if value is not None:
+                    summary[f"{metric}_{protocol}_protocol_{variant}"] = float(value)
+            if values.get("paper") is not None and values.get("official") is not None:
+                summary[f"protocol_effect_{metric}_{variant}"] = float(values["paper"] - values["official"])
+    summary.update(registration)
+    return summary
+
+
+def _percent(fraction) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.2f}"
+
+
+def _points(fraction) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:+.2f}"
+
+
+def _flatten_scalars(values: dict, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            rows.extend(_flatten_scalars(value, f"{prefix}{key}."))
+        elif isinstance(value, (bool, int, float, str)):
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
+def _scalar_table(values: dict) -> list[str]:
+    lines = ["| key | value |", "| --- | --- |"]
+    lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
+              for key, value in _flatten_scalars(values)]
+    return lines
+
+
+def render_report(*, protocol: str, stage_metrics: dict, references: References, protocol_runs: dict,
+                  summary: dict, registration_text: str, chart_name: str, metrics_dir: str) -> str:
+    claims = references.claims
+    evaluated = stage_metrics["evaluate"]
+    finetuned = stage_metrics["finetune"]
+    with_metrics = evaluated["with_ef_fer1"]
+    lines = [
+        "# DLFER reproduction: this run beside the paper",
+        "",
+        f"Paper: {references.paper['author']}, \"{references.paper['title']}\", {references.paper['venue']}, "
+        f"doi:{references.paper['doi']}.",
+        f"This run's protocol: **{protocol}** (`preprocess.protocol`). All figures are percentages; "
+        "the paper's are as printed, this run's come from `metrics/*.json` and are never recomputed here.",
+        "",
+        *(["**This run used the paper protocol, whose test split holds augmented copies of training images: "
+           "its test scores measure leakage as much as generalisation. Use it for the audit, not as a result.**",
+           ""] if protocol == "paper" else []),
+        f"![paper claim vs this run vs anchors]({chart_name})",
+        "",
+        "## Headline: test accuracy and F1",
+        "",
+        "| | paper (Table 4) | this run, with EF-FER1 | 95% bootstrap CI | paper minus this run |",
+        "| --- | --- | --- | --- | --- |",
+        f"| test accuracy | {claims['test_accuracy']:.2f} | {_percent(with_metrics['test_accuracy'])} | "
+        f"{_percent(with_metrics['test_accuracy_ci95_low'])} to {_percent(with_metrics['test_accuracy_ci95_high'])} | "
+        f"{_points(summary['paper_claim_gap'])} |",
+        f"| F1 (this run: macro) | {claims['f1']:.2f} | {_percent(with_metrics['f1_macro'])} | "
+        f"{_percent(with_metrics['f1_macro_ci95_low'])} to {_percent(with_metrics['f1_macro_ci95_high'])} | "
+        f"{_points(summary['paper_claim_gap_f1'])} |",
+        "",
+        f"The paper's test accuracy lies {'inside' if summary['paper_claim_inside_ci95'] else 'outside'} "
+        "this run's 95% interval.",
+        "",
+        "### Precision, recall and F1 under each averaging, and the paper's equations",
+        "",
+        "| | precision | recall | F1 |",
+        "| --- | --- | --- | --- |",
+        f"| paper, Table 4 | {claims['precision']:.2f} | {claims['recall']:.2f} | {claims['f1']:.2f} |",
+    ]
+    for average in ("macro", "weighted", "micro"):
+        lines.append(f"| this run, {average} | {_percent(with_metrics.get(f'precision_{average}'))} | "
+                     f"{_percent(with_metrics.get(f'recall_{average}'))} | {_percent(with_metrics.get(f'f1_{average}'))} |")
+    lines.append(f"| this run, paper eqs. 2-4 | {_percent(with_metrics.get('paper_eq2_precision'))} | "
+                 f"{_percent(with_metrics.get('paper_eq3_recall'))} | {_percent(with_metrics.get('paper_eq4_f1'))} |")
+    lines += [
+        "",
+        f"Eq. 1 of the paper, read literally (mean one-vs-rest accuracy), gives "
+        f"{_percent(with_metrics['paper_eq1_accuracy'])} for this run against a plain accuracy of "
+        f"{_percent(with_metrics['test_accuracy'])}: it equals 1 - 2(1 - accuracy)/7 and flatters any classifier. "
+        "Eqs. 2-3 are micro averages, which equal the accuracy for single-label data, so the paper's "
+        f"precision {claims['precision']:.2f} and recall {claims['recall']:.2f}, which differ from each other, "
+        "cannot come from them as written. Its F1 does follow eq. 4 from its own precision and recall "
+        f"({2 * claims['precision'] * claims['recall'] / (claims['precision'] + claims['recall']):.2f}).",
+        "",
+        "## Ablation: with and without EF-FER1",
+        "",
+        "| model | paper train | paper val | paper test | this run train | this run val | this run test (95% CI) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for variant in VARIANTS:
+        paper_row = claims["ablation"][variant]
+        lines.append(
+            f"| {VARIANT_LABELS[variant]} | {paper_row['train_accuracy']:.2f} | {paper_row['val_accuracy']:.2f} | "
+            f"{paper_row['test_accuracy']:.2f} | {_percent(finetuned[variant]['train_accuracy'])} | "
+            f"{_percent(finetuned[variant]['val_accuracy'])} | {_percent(evaluated[variant]['test_accuracy'])} "
+            f"({_percent(evaluated[variant]['test_accuracy_ci95_low'])} to "
+            f"{_percent(evaluated[variant]['test_accuracy_ci95_high'])}) |")
+    lines += [
+        "",
+        f"Test-accuracy gain from EF-FER1: paper {_points(summary['paper_ablation_delta_accuracy'])} points, "
+        f"this run {_points(summary['ablation_delta_accuracy'])} points "
+        f"(macro-F1 {_points(summary['ablation_delta_f1_macro'])}). Train and validation accuracy come from "
+        "`metrics/finetune_<variant>.json` (the checkpoint finetune kept).",
+        "",
+        *_protocol_section(protocol_runs),
+        "",
+        "## Why the paper protocol leaks: the validation audit",
+        "",
+        f"The paper's protocol: {references.protocol['summary']}",
+        "",
+        references.protocol["leak"],
+        "",
+    ]
+    context = stage_metrics["context"]
+    if context["validate"] is not None:
+        lines += [_audit_headline(context["validate"]), ""]
+    for name, title in (("validate", "Validation audit counts"),
+                        ("augment_balance", "Augmentation and balancing"), ("pretrain", "EF-FER1 pretraining")):
+        lines += [f"### {title} (`{metrics_dir}/{name}.json`)", ""]
+        lines += _scalar_table(context[name]) if context[name] is not None else [
+            f"Not found: `{metrics_dir}/{name}.json`; run `dvc repro {name}` to produce it."]
+        lines.append("")
+    lines += [
+        "## Model registry",
+        "",
+        registration_text,
+        "",
+        "## The paper's literature table and honest anchors",
+        "",
+        "Anchors measured on the official FER2013 test split (PrivateTest) or estimated by the dataset's curators:",
+        "",
+        "| anchor | accuracy | split | citation |",
+        "| --- | --- | --- | --- |",
+    ]
+    for anchor in references.anchors:
+        uncertainty = f" +- {anchor['uncertainty']:g}" if anchor.get("uncertainty") else ""
+        lines.append(f"| {anchor['name']} | {anchor['accuracy']:.2f}{uncertainty} | {anchor['split']} | "
+                     f"{' '.join(anchor['citation'].split())} {anchor.get('url', '')} |")
+    lines += [
+        "",
+        "The paper's comparison table, as printed (accuracy %):",
+        "",
+        "| reference | year | architecture | accuracy |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in references.literature.itertuples(index=False):
+        lines.append(f"| {row.reference} | {row.year} | {row.architecture} | {row.accuracy} |")
+    lines += ["", references.literature_note, ""]
+    return "\n".join(lines)
+
+
+# The validate stage's counts that bear on leakage, in the order the headline states them.
+AUDIT_HEADLINE = (
+    ("cross_usage_duplicate_images", "images appear, exactly or nearly, in more than one official usage"),
+    ("training_duplicates_of_eval", "Training images duplicate a PublicTest or PrivateTest image"),
+    ("privatetest_with_training_duplicate", "PrivateTest images have a duplicate in Training"),
+    ("exact_duplicate_images", "images sit in exact-duplicate groups"),
+    ("label_conflict_images", "images have an exact duplicate carrying another label"),
+    ("blank_images", "images are blank"),
+)
+
+
+def _audit_headline(validate_metrics: dict) -> str:
+    """One sentence of the audit's counts; a count the validate stage did not write is left out."""
+    clauses = [f"{validate_metrics[key]} {text}" for key, text in AUDIT_HEADLINE if key in validate_metrics]
+    if not clauses:
+        return "The validation audit wrote none of the duplicate counts this report looks for; see the table below."
+    total = f" of {validate_metrics['rows']}" if "rows" in validate_metrics else ""
+    return (f"Evidence from the validation audit{total} images: " + "; ".join(clauses) + ". Even the official "
+            "split shares images across usages; pooling, augmenting and then splitting at random also puts "
+            "augmented copies of one original on both sides of the split.")
+
+
+def _protocol_section(protocol_runs: dict) -> list[str]:
+    lines = ["## Official vs paper protocol, as measured", ""]
+    if not any(protocol_runs.get(("paper", variant)) for variant in VARIANTS):
+        lines += [
+            "No evaluate run under the paper protocol is in the MLflow store yet, so the effect of augmenting "
+            "before splitting has not been measured. Produce one with",
+            "",
+            "    dvc exp run -S preprocess.protocol=paper",
+            "",
+            "and rerun compare; this section then shows both protocols side by side.",
+            "",
+        ]
+    lines += ["Most recent finished `evaluate` run per protocol and variant (MLflow tags `protocol`, `variant`):", "",
+              "| variant | metric | official | paper | paper minus official |", "| --- | --- | --- | --- | --- |"]
+    for variant in VARIANTS:
+        official = protocol_runs.get(("official", variant))
+        paper = protocol_runs.get(("paper", variant))
+        for metric in PROTOCOL_METRICS:
+            official_value = official["metrics"].get(metric) if official else None
+            paper_value = paper["metrics"].get(metric) if paper else None
+            difference = paper_value - official_value if official_value is not None and paper_value is not None else None
+            lines.append(f"| {VARIANT_LABELS[variant]} | {metric} | {_percent(official_value)} | "
+                         f"{_percent(paper_value)} | {_points(difference)} |")
+    lines += ["", "Runs used:", ""]
+    for (protocol, variant), run in sorted(protocol_runs.items()):
+        if run is None:
+            lines.append(f"- {protocol} / {variant}: none in the store")
+            continue
+        tags = run["tags"]
+        lines.append(f"- {protocol} / {variant}: run `{run['run_id']}`, git {tags.get('git_commit', '?')[:10]}, "
+                     f"dvc exp `{tags.get('dvc_exp_name') or '-'}`, finetune run `{tags.get('finetune_run_id', '?')}`")
+    for variant in VARIANTS:
+        official = protocol_runs.get(("official", variant))
+        paper = protocol_runs.get(("paper", variant))
+        if not (official and paper):
+            continue
+        if official["finetune_params"] is None or paper["finetune_params"] is None:
+            lines.append(f"- {variant}: the finetune runs' params are not in the store, so other differences "
+                         "between the two columns cannot be listed")
+            continue
+        differing = sorted(key for key in set(official["finetune_params"]) | set(paper["finetune_params"])
+                           if official["finetune_params"].get(key) != paper["finetune_params"].get(key)
+                           and "protocol" not in key)
+        lines.append(f"- {variant}: finetune params that differ besides the protocol: "
+                     + (", ".join(f"{key} ({official['finetune_params'].get(key)} vs "
+                                  f"{paper['finetune_params'].get(key)})" for key in differing) or "none"))
+    return lines

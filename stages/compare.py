@@ -1,0 +1,129 @@
+"""compare: this run beside the paper's claims, its literature table and honest anchors; register the model.
+
+Reads   <metrics-dir>/finetune_<variant>.json, evaluate_<variant>.json for both variants (required);
+        validate.json, augment_balance.json, pretrain.json (context; the report says so if one is absent)
+        <references>/paper.yaml, literature.csv
+        <models>/with_ef_fer1/{mlflow_run.json, model.keras}  the model to register
+        MLflow store: the latest finished evaluate runs tagged protocol=official and protocol=paper
+Writes  <report>        reports/compare.md
+        <chart>         reports/compare.png
+        <out-metrics>   metrics/compare.json (the same numbers go to MLflow, booleans as 0/1)
+        MLflow registry: a new version of compare.registered_model with alias compare.alias;
+                         alias champion moves only on a better validation macro-F1
+Params  preprocess.protocol, compare.registered_model, compare.alias
+Never recomputes a metric: every figure comes from a file or run another stage wrote.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from dlfer import compare, registry
+from dlfer.files import atomic_path, write_json
+from dlfer.params import load_params
+from dlfer.tracking import EXPERIMENT_NAME, log_numeric_metrics, stage_run
+
+REGISTERED_VARIANT = "with_ef_fer1"  # the paper's DLFER
+
+
+def draw_chart(path: Path, references: compare.References, stage_metrics: dict, protocol_runs: dict,
+               protocol: str) -> None:
+    """Horizontal bars of test accuracy: paper's claims, this run (95% CI), the other protocol's run, anchors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = []  # (label, value in %, (minus, plus) error or None, colour)
+    for variant in compare.VARIANTS:
+        bars.append((f"paper's claim (augmented random split): {compare.VARIANT_LABELS[variant]}",
+                     references.claims["ablation"][variant]["test_accuracy"], None, "tab:red"))
+    measured = [(f"this run ({protocol})", stage_metrics["evaluate"][variant], variant, "tab:blue")
+                for variant in compare.VARIANTS]
+    # The latest run under the other protocol, from MLflow: the protocol's effect, as measured.
+    other_protocol = "official" if protocol == "paper" else "paper"
+    measured += [(f"latest run ({other_protocol})", protocol_runs[(other_protocol, variant)]["metrics"], variant,
+                  "tab:orange") for variant in compare.VARIANTS if protocol_runs.get((other_protocol, variant))]
+    for label, values, variant, colour in measured:
+        if "test_accuracy" not in values:
+            continue
+        value = 100 * values["test_accuracy"]
+        error = None
+        if "test_accuracy_ci95_low" in values and "test_accuracy_ci95_high" in values:
+            error = (value - 100 * values["test_accuracy_ci95_low"], 100 * values["test_accuracy_ci95_high"] - value)
+        bars.append((f"{label}: {compare.VARIANT_LABELS[variant]}", value, error, colour))
+    for anchor in references.anchors:
+        uncertainty = float(anchor.get("uncertainty") or 0)
+        bars.append((anchor["name"], float(anchor["accuracy"]), (uncertainty, uncertainty) if uncertainty else None,
+                     "tab:gray"))
+
+    figure, axis = plt.subplots(figsize=(10, 0.5 * len(bars) + 1.5))
+    positions = list(range(len(bars)))[::-1]
+    for position, (label, value, error, colour) in zip(positions, bars):
+        axis.barh(position, value, color=colour, xerr=None if error is None else [[error[0]], [error[1]]], capsize=4)
+        axis.text(value + (error[1] if error else 0) + 0.5, position, f"{value:.2f}", va="center", fontsize=8)
+    axis.set_yticks(positions, [label for label, *_ in bars], fontsize=8)
+    axis.set_xlim(0, 100)
+    axis.set_xlabel("test accuracy (%); error bars: 95% bootstrap interval (human: +-5)")
+    axis.set_title("FER2013 test accuracy: the paper's claims, this run, honest anchors")
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=110)
+    plt.close(figure)
+
+
+def main(
+    params_path: Path = typer.Option(Path("params.yaml"), "--params"),
+    metrics_dir: Path = typer.Option(Path("metrics"), "--metrics-dir"),
+    references_dir: Path = typer.Option(Path("references"), "--references"),
+    report_path: Path = typer.Option(Path("reports/compare.md"), "--report"),
+    chart_path: Path = typer.Option(Path("reports/compare.png"), "--chart"),
+    out_metrics_path: Path = typer.Option(Path("metrics/compare.json"), "--out-metrics"),
+    models_dir: Path = typer.Option(Path("models/finetune"), "--models"),
+) -> None:
+    params = load_params(params_path)
+    references = compare.load_references(references_dir)
+    stage_metrics = compare.read_stage_metrics(metrics_dir)
+    model_dir = models_dir / REGISTERED_VARIANT
+    run_id_of_finetune = registry.finetune_run_id(model_dir)
+    protocol = params.preprocess.protocol
+
+    logged_params = {"compare": params.section("compare"), "preprocess": {"protocol": protocol}}
+    with stage_run("compare", logged_params, tags={"protocol": protocol, "finetune_run_id": run_id_of_finetune}) as run:
+        import mlflow
+
+        protocol_runs = compare.latest_evaluate_runs(EXPERIMENT_NAME)
+        registration = registry.register_candidate(
+            model_name=params.compare.registered_model, alias=params.compare.alias,
+            finetune_run_id=run_id_of_finetune, model_file=model_dir / "model.keras",
+            val_macro_f1=float(stage_metrics["finetune"][REGISTERED_VARIANT]["val_macro_f1"]),
+            protocol=protocol, artifact_run_id=run.info.run_id)
+        summary = compare.summarise(stage_metrics, references, protocol_runs, registration.as_metrics())
+        report = compare.render_report(
+            protocol=protocol, stage_metrics=stage_metrics, references=references, protocol_runs=protocol_runs,
+            summary=summary, registration_text=registration.describe(),
+            chart_name=os.path.relpath(chart_path, report_path.parent), metrics_dir=str(metrics_dir))
+
+        with atomic_path(chart_path) as temporary:
+            draw_chart(temporary, references, stage_metrics, protocol_runs, protocol)
+        with atomic_path(report_path) as temporary:
+            temporary.write_text(report)
+        write_json(out_metrics_path, summary)
+        log_numeric_metrics(summary)
+        # log_numeric_metrics leaves booleans out; MLflow gets them as 0/1.
+        mlflow.log_metrics({key: float(value) for key, value in summary.items() if isinstance(value, bool)})
+        for path in (report_path, chart_path, out_metrics_path):
+            mlflow.log_artifact(str(path))
+    typer.echo(f"compare: test accuracy {summary['test_accuracy_with_ef_fer1']:.4f} with EF-FER1, "
+               f"{summary['test_accuracy_without_ef_fer1']:.4f} without; the paper claims "
+               f"{references.claims['test_accuracy']:.2f}%; registered version {registration.version}, "
+               f"champion moved: {registration.champion_moved}")
+
+
+if __name__ == "__main__":
+    try:
+        typer.run(main)
+    except ValueError as error:  # bad inputs and params: one line naming the file and the fix, no traceback
+        raise SystemExit(f"compare: {error}") from None

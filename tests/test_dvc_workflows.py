@@ -1,0 +1,105 @@
+"""The team workflows with the real tools: queued `dvc exp run` sweeps that log into the main
+repository's MLflow store, and sharing outputs through a (local-directory) DVC remote.
+
+Both run the cheap data stages on a tiny table, so they exercise DVC and MLflow, not training.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import PROJECT, stage_environment, tiny_audit, tiny_raw_table
+
+PIPELINE = """
+stages:
+  preprocess:
+    cmd: python stages/preprocess.py
+    deps: [stages/preprocess.py, inputs/fer2013.parquet, inputs/audit.parquet]
+    params: [seed, preprocess]
+    outs: [data/prepared/dataset.npz]
+    metrics: [{metrics/preprocess.json: {cache: false}}]
+  augment_balance:
+    cmd: python stages/augment_balance.py
+    deps: [stages/augment_balance.py, data/prepared/dataset.npz]
+    params: [seed, augment_balance]
+    outs: [data/balanced/train.npz, data/balanced/val.npz, data/balanced/test.npz]
+    metrics: [{metrics/augment_balance.json: {cache: false}}]
+"""
+
+
+def git(project: Path, *arguments: str, environment: dict) -> None:
+    subprocess.run(["git", *arguments], cwd=project, env=environment, check=True, capture_output=True)
+
+
+def command(project: Path, environment: dict, *arguments: str, timeout: int = 600) -> str:
+    result = subprocess.run(list(arguments), cwd=project, env=environment, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(arguments)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.fixture
+def repository(tmp_path):
+    """A git + DVC repository holding the data stages and a tiny canonical table."""
+    project = tmp_path / "repo"
+    project.mkdir()
+    environment = stage_environment(project)
+    environment.pop("MLFLOW_TRACKING_URI")  # the stages must find <repo>/mlflow.db themselves
+    environment.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    (project / "inputs").mkdir()
+    table = tiny_raw_table({"Training": 6, "PublicTest": 2, "PrivateTest": 2})
+    table.to_parquet(project / "inputs" / "fer2013.parquet")
+    tiny_audit(table).to_parquet(project / "inputs" / "audit.parquet")
+    shutil.copytree(PROJECT / "stages", project / "stages")
+    shutil.copy2(PROJECT / "params.yaml", project / "params.yaml")
+    (project / "dvc.yaml").write_text(PIPELINE)
+    for stage in ("preprocess", "augment_balance"):  # the real stages with their default paths under inputs/
+        script = project / "stages" / f"{stage}.py"
+        script.write_text(script.read_text().replace('Path("data/raw/fer2013.parquet")', 'Path("inputs/fer2013.parquet")')
+                          .replace('Path("data/validated/audit.parquet")', 'Path("inputs/audit.parquet")'))
+    (project / ".gitignore").write_text("mlflow.db\nmlruns/\n")
+    git(project, "init", "-q", "-b", "main", environment=environment)
+    command(project, environment, "dvc", "init", "-q")
+    git(project, "add", "-A", environment=environment)
+    git(project, "commit", "-qm", "pipeline", environment=environment)
+    return project, environment
+
+
+def test_queued_experiments_run_two_at_once_and_log_to_the_main_store(repository):
+    project, environment = repository
+    for seed in (1, 2):
+        command(project, environment, "dvc", "exp", "run", "--queue", "-n", f"seed-{seed}", "-S", f"seed={seed}")
+    command(project, environment, "dvc", "exp", "run", "--run-all", "-j", "2", timeout=900)
+
+    shown = json.loads(command(project, environment, "dvc", "exp", "show", "--json"))
+    names = {experiment.get("name") for commit in shown for experiment in (commit.get("experiments") or [])}
+    assert {"seed-1", "seed-2"} <= names
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("dlfer")
+    runs = client.search_runs([experiment.experiment_id], max_results=50)
+    logged = {(run.data.tags.get("dvc_exp_name"), run.data.tags.get("stage")) for run in runs}
+    for name in ("seed-1", "seed-2"):
+        assert (name, "preprocess") in logged and (name, "augment_balance") in logged
+    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))  # nothing stranded in DVC's temp copies
+
+
+def test_outputs_round_trip_through_a_local_dvc_remote(repository, tmp_path):
+    project, environment = repository
+    command(project, environment, "dvc", "remote", "add", "-d", "team", str(tmp_path / "remote"))
+    command(project, environment, "dvc", "repro")
+    train = project / "data" / "balanced" / "train.npz"
+    original = train.read_bytes()
+    command(project, environment, "dvc", "push")
+
+    shutil.rmtree(project / "data")
+    shutil.rmtree(project / ".dvc" / "cache")
+    command(project, environment, "dvc", "pull")
+    assert train.read_bytes() == original
+    assert "up to date" in command(project, environment, "dvc", "status")

@@ -1,0 +1,241 @@
+"""The evaluate and compare stages as subprocesses on toy Keras models, a tiny test split and a real sqlite MLflow store."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import migrated_mlflow_store, stage_environment
+from dlfer.fer2013 import EMOTIONS
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+VARIANTS = ("with_ef_fer1", "without_ef_fer1")
+N_TEST = 70
+
+
+def run_stage(script: str, arguments: list, workdir: Path, store: Path) -> subprocess.CompletedProcess:
+    environment = {**stage_environment(workdir), "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    environment.pop("DVC_ROOT", None)
+    return subprocess.run([sys.executable, str(REPOSITORY / "stages" / script), *map(str, arguments)],
+                          cwd=workdir, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def toy_model(seed: int):
+    """Same interface as a finetune model, and not mirror-symmetric, so flip TTA changes its output."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((48, 48, 1))
+    features = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+    return keras.Model(inputs, keras.layers.Dense(7, activation="softmax")(features))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Params, test split, two toy models with their finetune runs and metrics, then both evaluate runs."""
+    root = tmp_path_factory.mktemp("workspace")
+    params = yaml.safe_load((REPOSITORY / "params.yaml").read_text())
+    params["evaluate"].update(flip_tta=True, bootstrap_samples=200)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(N_TEST) % 7
+    rng.shuffle(labels)
+    ids = np.array([f"PrivateTest_{index:05d}" for index in range(N_TEST)])
+    (root / "data" / "balanced").mkdir(parents=True)
+    np.savez(root / "data" / "balanced" / "test.npz", images=rng.integers(0, 256, (N_TEST, 48, 48), dtype=np.uint8),
+             labels=labels.astype(np.int64), ids=ids)
+
+    store = migrated_mlflow_store(root / "mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    mlflow.MlflowClient().create_experiment("dlfer", artifact_location=(root / "mlruns").as_uri())
+    mlflow.set_experiment("dlfer")
+    (root / "metrics").mkdir()
+    for seed, variant in enumerate(VARIANTS):
+        model_dir = root / "models" / "finetune" / variant
+        model_dir.mkdir(parents=True)
+        toy_model(seed).save(model_dir / "model.keras")
+        with mlflow.start_run(run_name=f"finetune_{variant}", tags={"stage": "finetune", "variant": variant}) as run:
+            mlflow.log_params({"backbone": "toy", "epochs": 1})
+            mlflow.log_artifact(str(model_dir / "model.keras"))
+        (model_dir / "mlflow_run.json").write_text(json.dumps(
+            {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": mlflow.get_tracking_uri()}))
+        (root / "metrics" / f"finetune_{variant}.json").write_text(json.dumps(
+            {"train_accuracy": 0.9 - seed / 10, "val_accuracy": 0.6 - seed / 10, "val_loss": 1.0,
+             "val_macro_f1": 0.55 - seed / 10, "best_epoch": 1, "seconds": 3.0}))
+    (root / "metrics" / "validate.json").write_text(json.dumps(
+        {"rows": 35887, "cross_usage_duplicate_images": 3, "exact_duplicate_images": 5, "passed": True}))
+    mlflow.set_tracking_uri(None)
+
+    # The CLI as a subprocess for one variant; the other through main() in this process, where
+    # Keras is already loaded, to keep the file's run time down.
+    result = run_stage("evaluate.py", [
+        "--variant", "with_ef_fer1", "--params", "params.yaml", "--model", "models/finetune/with_ef_fer1",
+        "--test", "data/balanced/test.npz", "--metrics", "metrics/evaluate_with_ef_fer1.json",
+        "--reports", "reports/evaluate/with_ef_fer1"], root, store)
+    assert result.returncode == 0, result.stderr
+    specification = importlib.util.spec_from_file_location("evaluate_stage", REPOSITORY / "stages" / "evaluate.py")
+    evaluate_stage = importlib.util.module_from_spec(specification)
+    specification.loader.exec_module(evaluate_stage)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+        patch.delenv("DVC_ROOT", raising=False)
+        evaluate_stage.main(variant="without_ef_fer1", params_path=Path("params.yaml"),
+                            model_dir=Path("models/finetune/without_ef_fer1"), test_path=Path("data/balanced/test.npz"),
+                            metrics_path=Path("metrics/evaluate_without_ef_fer1.json"),
+                            reports_dir=Path("reports/evaluate/without_ef_fer1"))
+    mlflow.set_tracking_uri(None)
+    return root, store
+
+
+def test_evaluate_writes_outputs_consistent_with_its_predictions(workspace):
+    root, store = workspace
+    metrics = json.loads((root / "metrics" / "evaluate_with_ef_fer1.json").read_text())
+    reports = root / "reports" / "evaluate" / "with_ef_fer1"
+    predictions = pd.read_csv(reports / "predictions.csv")
+    per_class = pd.read_csv(reports / "per_class.csv")
+
+    assert metrics["n_test"] == N_TEST == len(predictions)
+    assert list(predictions["id"]) == [f"PrivateTest_{index:05d}" for index in range(N_TEST)]
+    assert metrics["test_accuracy"] == pytest.approx((predictions["actual"] == predictions["predicted"]).mean())
+    probabilities = predictions[[f"probability_{emotion}" for emotion in EMOTIONS]].to_numpy()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert list(predictions["predicted"]) == [EMOTIONS[index] for index in probabilities.argmax(axis=1)]
+    assert list(per_class["emotion"]) == list(EMOTIONS)
+    for row in per_class.itertuples():
+        assert metrics[f"f1_{row.emotion}"] == pytest.approx(row.f1)
+    assert per_class["support"].sum() == N_TEST
+    assert metrics["test_accuracy_ci95_low"] <= metrics["test_accuracy"] <= metrics["test_accuracy_ci95_high"]
+    assert metrics["paper_eq4_f1"] == pytest.approx(metrics["test_accuracy"])
+    assert (reports / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_averages_the_mirror_with_flip_tta(workspace):
+    import keras
+
+    root, _ = workspace
+    with np.load(root / "data" / "balanced" / "test.npz") as archive:
+        images = archive["images"][..., np.newaxis].astype("float32")
+    model = keras.models.load_model(root / "models" / "finetune" / "with_ef_fer1" / "model.keras")
+    expected = (model.predict(images, verbose=0) + model.predict(images[:, :, ::-1], verbose=0)) / 2
+    predictions = pd.read_csv(root / "reports" / "evaluate" / "with_ef_fer1" / "predictions.csv")
+    np.testing.assert_allclose(predictions[[f"probability_{emotion}" for emotion in EMOTIONS]], expected, atol=1e-5)
+    assert not np.allclose(expected, model.predict(images, verbose=0), atol=1e-5)
+
+
+def test_evaluate_logs_the_same_metrics_and_tags_to_mlflow(workspace):
+    root, store = workspace
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("dlfer")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'evaluate'")
+    by_variant = {run.data.tags["variant"]: run for run in runs}
+    assert set(by_variant) == set(VARIANTS)
+    run = by_variant["with_ef_fer1"]
+    finetune_run_id = json.loads((root / "models" / "finetune" / "with_ef_fer1" / "mlflow_run.json").read_text())["run_id"]
+    assert run.info.run_name == "evaluate_with_ef_fer1"
+    assert run.data.tags["protocol"] == "official" and run.data.tags["finetune_run_id"] == finetune_run_id
+    assert run.data.metrics == pytest.approx(json.loads((root / "metrics" / "evaluate_with_ef_fer1.json").read_text()))
+
+
+def test_evaluate_rejects_a_malformed_test_split_in_one_line(workspace, tmp_path):
+    root, store = workspace
+    np.savez(tmp_path / "test.npz", images=np.zeros((3, 48, 48), np.uint8), labels=np.zeros(3, np.int64))
+    result = run_stage("evaluate.py", [
+        "--variant", "with_ef_fer1", "--params", root / "params.yaml", "--model", root / "models/finetune/with_ef_fer1",
+        "--test", tmp_path / "test.npz", "--metrics", tmp_path / "out.json", "--reports", tmp_path / "reports"],
+        tmp_path, tmp_path / "mlflow.db")
+    assert result.returncode != 0
+    assert "test.npz: missing array(s) ids" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.json").exists() and not (tmp_path / "reports").exists()
+
+
+def run_compare(root: Path, store: Path, outputs: Path) -> subprocess.CompletedProcess:
+    return run_stage("compare.py", [
+        "--params", root / "params.yaml", "--metrics-dir", root / "metrics", "--references", REPOSITORY / "references",
+        "--report", outputs / "reports" / "compare.md", "--chart", outputs / "reports" / "compare.png",
+        "--out-metrics", outputs / "metrics" / "compare.json", "--models", root / "models" / "finetune"], outputs, store)
+
+
+@pytest.fixture
+def store_copy(workspace, tmp_path):
+    """Each compare test works on its own copy of the store holding both evaluate runs."""
+    _, store = workspace
+    shutil.copy(store, tmp_path / "mlflow.db")
+    return tmp_path / "mlflow.db"
+
+
+def test_compare_before_and_after_a_paper_protocol_run(workspace, store_copy, tmp_path):
+    """As in use: compare after the official pipeline, then again once a paper-protocol evaluate run exists."""
+    root, _ = workspace
+    evaluated = {variant: json.loads((root / "metrics" / f"evaluate_{variant}.json").read_text()) for variant in VARIANTS}
+    official = evaluated["with_ef_fer1"]
+
+    result = run_compare(root, store_copy, tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "metrics" / "compare.json").read_text())
+    assert summary["test_accuracy_with_ef_fer1"] == official["test_accuracy"]
+    assert summary["f1_macro_without_ef_fer1"] == evaluated["without_ef_fer1"]["f1_macro"]
+    assert summary["ablation_delta_accuracy"] == pytest.approx(
+        official["test_accuracy"] - evaluated["without_ef_fer1"]["test_accuracy"])
+    assert summary["paper_claim_gap"] == pytest.approx(0.8209 - official["test_accuracy"])
+    assert summary["paper_ablation_delta_accuracy"] == pytest.approx(0.1588)
+    assert summary["train_accuracy_without_ef_fer1"] == pytest.approx(0.8)
+    assert summary["test_accuracy_official_protocol_with_ef_fer1"] == pytest.approx(official["test_accuracy"])
+    assert not any(key.startswith("protocol_effect") for key in summary)
+    assert summary["registry_version"] == 1 and summary["registry_champion_moved"] is True
+    report = (tmp_path / "reports" / "compare.md").read_text()
+    assert "dvc exp run -S preprocess.protocol=paper" in report
+    assert "audit of 35887 images: 3 images appear, exactly or nearly, in more than one official usage; " \
+           "5 images sit in exact-duplicate groups." in report
+    assert "| [27] | 2024 | HybridizedCNN-LSTM | 79.34 |" in report
+    assert "73.28" in report and "82.09" in report
+    assert (tmp_path / "reports" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A paper-protocol evaluate run, tagged as the evaluate stage tags its runs.
+    leaked = {key: min(1.0, value + 0.2) for key, value in official.items() if key != "n_test"}
+    mlflow.set_tracking_uri(f"sqlite:///{store_copy}")
+    mlflow.set_experiment("dlfer")
+    with mlflow.start_run(run_name="evaluate_with_ef_fer1",
+                          tags={"stage": "evaluate", "protocol": "paper", "variant": "with_ef_fer1"}):
+        mlflow.log_metrics(leaked)
+    mlflow.set_tracking_uri(None)
+
+    result = run_compare(root, store_copy, tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "metrics" / "compare.json").read_text())
+    assert summary["protocol_effect_test_accuracy_with_ef_fer1"] == pytest.approx(
+        leaked["test_accuracy"] - official["test_accuracy"])
+    assert summary["test_accuracy_paper_protocol_with_ef_fer1"] == pytest.approx(leaked["test_accuracy"])
+    assert "protocol_effect_test_accuracy_without_ef_fer1" not in summary
+    # The second registration ties the champion's validation score, so the champion stays.
+    assert summary["registry_version"] == 2 and summary["registry_champion_moved"] is False
+    assert summary["registry_previous_champion_version"] == 1
+    assert summary["registry_previous_champion_val_macro_f1"] == pytest.approx(0.55)
+    report = (tmp_path / "reports" / "compare.md").read_text()
+    assert "dvc exp run -S preprocess.protocol=paper" not in report
+    difference = 100 * (leaked["test_accuracy"] - official["test_accuracy"])
+    assert f"| DLFER with EF-FER1 | test_accuracy | {100 * official['test_accuracy']:.2f} | " \
+           f"{100 * leaked['test_accuracy']:.2f} | {difference:+.2f} |" in report
+
+
+def test_compare_names_a_missing_metrics_file(workspace, store_copy, tmp_path):
+    root, _ = workspace
+    metrics_dir = tmp_path / "metrics_in"
+    shutil.copytree(root / "metrics", metrics_dir)
+    (metrics_dir / "evaluate_without_ef_fer1.json").unlink()
+    result = run_stage("compare.py", [
+        "--params", root / "params.yaml", "--metrics-dir", metrics_dir, "--references", REPOSITORY / "references",
+        "--report", tmp_path / "compare.md", "--chart", tmp_path / "compare.png", "--out-metrics", tmp_path / "c.json",
+        "--models", root / "models" / "finetune"], tmp_path, store_copy)
+    assert result.returncode != 0
+    assert "evaluate_without_ef_fer1.json: unreadable" in result.stderr and "dvc repro evaluate" in result.stderr
+    assert not (tmp_path / "compare.md").exists()
