@@ -19,9 +19,17 @@ def test_duplicates_of_eval_marks_only_train_members_of_groups_that_reach_eval()
     assert splits.duplicates_of_eval(exact_group, split).tolist() == [True, False, False, False, False, False, True]
 
 
+def test_near_duplicates_of_eval_are_dropped_from_train_too():
+    audit = pd.DataFrame({"blank": False, "label_conflict": False, "exact_group": [-1, -1, -1],
+                          "near_group": [4, 4, -1]})
+    split = np.array(["train", "val", "train"])
+    reasons = splits.drop_mask(audit, split, False, False, drop_train_duplicates_of_eval=True)
+    assert reasons["duplicate_of_eval"].tolist() == [True, False, False]
+
+
 def test_drop_mask_never_drops_validation_or_test_rows():
     audit = pd.DataFrame({"blank": [True, True, False], "label_conflict": [False, True, True],
-                          "exact_group": [-1, 0, 0]})
+                          "exact_group": [-1, 0, 0], "near_group": [-1, -1, -1]})
     split = np.array(["train", "test", "train"])
     reasons = splits.drop_mask(audit, split, drop_blank=True, drop_conflicting_labels=True,
                                drop_train_duplicates_of_eval=True)

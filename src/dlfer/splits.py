@@ -35,16 +35,18 @@ def drop_mask(audit: pd.DataFrame, split: np.ndarray, drop_blank: bool, drop_con
     reasons = pd.DataFrame(index=audit.index)
     reasons["blank"] = trainable & drop_blank & audit["blank"].to_numpy(bool)
     reasons["label_conflict"] = trainable & drop_conflicting_labels & audit["label_conflict"].to_numpy(bool)
-    reasons["duplicate_of_eval"] = (
-        (split == "train") & drop_train_duplicates_of_eval & duplicates_of_eval(audit["exact_group"].to_numpy(), split))
+    leaked = np.zeros(len(split), dtype=bool)
+    for column in ("exact_group", "near_group"):
+        leaked |= duplicates_of_eval(audit[column].to_numpy(), split)
+    reasons["duplicate_of_eval"] = (split == "train") & drop_train_duplicates_of_eval & leaked
     return reasons
 
 
-def duplicates_of_eval(exact_group: np.ndarray, split: np.ndarray) -> np.ndarray:
-    """Train images whose exact duplicate sits in val or test: training on them leaks the answer."""
-    in_group = exact_group >= 0
-    eval_groups = np.unique(exact_group[in_group & np.isin(split, ("val", "test"))])
-    return (split == "train") & in_group & np.isin(exact_group, eval_groups)
+def duplicates_of_eval(group: np.ndarray, split: np.ndarray) -> np.ndarray:
+    """Train images in a duplicate group (exact or perceptual) that reaches val or test: they leak the answer."""
+    in_group = group >= 0
+    eval_groups = np.unique(group[in_group & np.isin(split, ("val", "test"))])
+    return (split == "train") & in_group & np.isin(group, eval_groups)
 
 
 def subset_per_class(labels: np.ndarray, selectable: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
