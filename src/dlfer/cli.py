@@ -167,5 +167,9 @@ def _yaml_scalar(value) -> str:
     return "true" if value is True else "false" if value is False else str(value)
 
 
+from dlfer.cli_model import register  # noqa: E402  (predict and export live beside the model code)
+
+register(app)
+
 if __name__ == "__main__":
     app()

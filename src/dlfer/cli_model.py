@@ -1,0 +1,130 @@
+"""User commands that use a trained model: `dlfer predict` and `dlfer export`.
+
+cli.py adds them to the dlfer app with register(app).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+OUTPUT_FORMATS = ("table", "jsonl", "csv")
+MODEL_HELP = ("model: a .keras file or its folder (default models/finetune/with_ef_fer1/model.keras), "
+              "models:/<name>@<alias> or runs:/<id>/<path> from the MLflow store, or an export (.tflite, .onnx, "
+              "SavedModel folder)")
+
+
+def predict(
+    paths: list[Path] = typer.Argument(..., help="image files, folders (searched recursively) and video files"),
+    model: str = typer.Option("", "--model", "-m", help=MODEL_HELP),
+    output_format: str = typer.Option("table", "--format", "-f", help="table, jsonl or csv"),
+    out: Path = typer.Option(None, "--out", "-o", help="write the results to this file instead of the terminal"),
+    annotate: Path = typer.Option(None, "--annotate", help="folder for copies of the images and videos with "
+                                  "boxes and emotions drawn on them"),
+    detect: bool = typer.Option(True, "--detect/--no-detect", help="--no-detect: every input is one face crop "
+                                "(like FER2013's 48x48 images), no face detection"),
+    margin: float = typer.Option(None, "--margin", help="extra border around each detected face, as a fraction of "
+                                 "its box side (default matches FER2013's crops)"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="faces classified together"),
+    frame_step: int = typer.Option(1, "--frame-step", min=1, help="classify every n-th video frame"),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
+) -> None:
+    """Find the faces in photos and videos and print each face's emotion and 7 probabilities.
+
+    Problems with single inputs (unreadable, not an image, no face found) are reported on stderr
+    and the run goes on; the exit code is 1 if any input had a problem, 2 if nothing could run.
+    """
+    from dlfer import faces
+    from dlfer import predict as prediction
+    from dlfer.files import atomic_path
+
+    if output_format not in OUTPUT_FORMATS:
+        raise typer.BadParameter(f"{output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}", param_hint="--format")
+    inputs, problems = prediction.collect_inputs(paths)
+    try:
+        classifier, description = prediction.load_classifier(model or None) if inputs else (None, "")
+    except ValueError as error:
+        typer.echo(f"predict: {error}", err=True)
+        raise typer.Exit(2)
+    if inputs:
+        typer.echo(f"predict: {len(inputs)} input file(s), model {description}", err=True)
+        outcome = prediction.predict_inputs(
+            inputs, classifier, detect=detect, margin=faces.DEFAULT_MARGIN if margin is None else margin,
+            batch_size=batch_size, frame_step=frame_step, annotate_dir=annotate, progress=progress)
+        records, problems = outcome.records, problems + outcome.problems
+    else:
+        records = []
+    if out is not None:
+        with atomic_path(out) as temporary, temporary.open("w", newline="") as handle:
+            prediction.write_records(records, output_format, handle)
+    elif records:
+        prediction.write_records(records, output_format, sys.stdout)
+    for problem in problems:
+        typer.echo(f"predict: {problem.path}: {problem.reason}", err=True)
+    files_with_faces = len({record["file"] for record in records})
+    typer.echo(f"predict: {len(records)} face(s) in {files_with_faces} file(s); {len(problems)} problem(s)"
+               + (f"; results in {out}" if out is not None else "")
+               + (f"; annotated copies in {annotate}" if annotate is not None else ""), err=True)
+    if not inputs:
+        raise typer.Exit(2)
+    if problems:
+        raise typer.Exit(1)
+
+
+def export(
+    model: str = typer.Option("", "--model", "-m", help=MODEL_HELP.split(", or an export")[0]),
+    out: Path = typer.Option(Path("exports/with_ef_fer1"), "--out", "-o", help="folder to (over)write"),
+    formats: str = typer.Option(",".join(("saved_model", "tflite_float16", "tflite_int8", "onnx", "mlflow")),
+                                "--formats", help="comma-separated: saved_model, tflite_float16, tflite_int8, "
+                                "onnx, mlflow"),
+    calibration: Path = typer.Option(Path("data/balanced/train.npz"), "--calibration",
+                                     help="real FER2013 images (.npz with 'images') for the int8 calibration"),
+    calibration_images: int = typer.Option(300, "--calibration-images", min=1),
+    check: str = typer.Option("data/balanced/test.npz", "--check",
+                              help="labelled images (.npz) each export is compared on with the Keras model; '' skips"),
+    check_images: int = typer.Option(0, "--check-images", min=0, help="use only the first n check images (0 = all)"),
+    seed: int = typer.Option(42, "--seed", help="draws the calibration images"),
+) -> None:
+    """Write SavedModel, TFLite float16 and int8, ONNX and an MLflow pyfunc, and check each against Keras.
+
+    The parity report (top-1 agreement with the Keras model, accuracy) goes to <out>/parity.json.
+    Serve the pyfunc with: mlflow models serve -m <out>/mlflow_model --env-manager local
+    """
+    import numpy as np
+
+    from dlfer import export as exporting
+
+    chosen = tuple(name.strip() for name in formats.split(",") if name.strip())
+    try:
+        calibration_set = None
+        if "tflite_int8" in chosen:
+            images, _ = exporting.load_split(calibration)
+            calibration_set = exporting.representative_images(images, calibration_images, np.random.default_rng(seed))
+        check_set, check_labels = (None, None)
+        if check:
+            check_set, check_labels = exporting.load_split(Path(check))
+            if check_images:
+                check_set = check_set[:check_images]
+                check_labels = None if check_labels is None else check_labels[:check_images]
+        report = exporting.export_model(model or None, out, chosen, calibration_set, check_set, check_labels)
+    except ValueError as error:
+        typer.echo(f"export: {error}", err=True)
+        raise typer.Exit(2)
+    if "keras_accuracy" in report:
+        typer.echo(f"keras          accuracy {report['keras_accuracy']:.4f}")
+    for kind, entry in report["formats"].items():
+        line = f"{kind:<14} {entry['path']}  {entry['bytes'] / 1e6:.1f} MB"
+        if "top1_agreement" in entry:
+            line += f"  agreement {entry['top1_agreement']:.4f}"
+        if "accuracy" in entry:
+            line += f"  accuracy {entry['accuracy']:.4f}"
+        typer.echo(line)
+    typer.echo(f"export: wrote {out}/ (parity report {out / 'parity.json'})", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `predict` and `export` to the dlfer command."""
+    app.command("predict")(predict)
+    app.command("export")(export)
