@@ -1,0 +1,155 @@
+"""pretrain: EF-FER1, the backbone whose weights EF-FER2 starts from (the paper's section 2.3).
+
+Reads   --source-domain  data/raw/source_domain.npz (fetch): train_images (N,S,S,3) uint8, train_labels,
+                         val_images, val_labels, class_names; used by source=scratch only
+        --audit          data/validated/audit.parquet (validate): must exist; pretraining waits for validation
+Writes  --out            models/pretrain/: backbone.weights.h5 (absent for source=none), provenance.json
+                         (source, backbone, params, input sha256, git commit; weights sha256 for imagenet),
+                         mlflow_run.json ({run_id, experiment_id, tracking_uri})
+        --checkpoints    checkpoints/pretrain/: resumable training state (source=scratch; DVC persist)
+        --metrics        metrics/pretrain.json
+Params  seed, pretrain.* (source, weights_file, backbone, image_size, epochs, batch_size, learning_rate,
+        max_seconds)
+MLflow  run "pretrain", tag source; per-epoch metrics for scratch; provenance.json as an artifact
+
+pretrain.source:
+  scratch   train the backbone and a temporary head on the source-domain images (the paper trains
+            EF-FER1 on ImageNet; offline we use Imagenette, ten ImageNet classes) at pretrain.image_size;
+            the metric is source-domain validation accuracy
+  imagenet  Keras' published ImageNet weights (downloaded, or pretrain.weights_file on offline
+            machines); for efficientnet_lite0 the converted TF weights of dlfer.lite0
+  none      nothing to transfer: EF-FER2 starts from random weights (the ablation)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dlfer import model as models
+from dlfer import train, tracking
+from dlfer.files import atomic_directory, sha256_of_file, write_json
+from dlfer.params import ParamsError, load_params
+
+# Dropout of the temporary head, as keras.applications' EfficientNet-B0 top; it is thrown away afterwards.
+PRETRAIN_HEAD_DROPOUT = 0.2
+
+
+class PretrainInputError(ValueError):
+    """An input of the pretrain stage is missing or unusable; the message names it and the fix."""
+
+
+def load_source_domain(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise PretrainInputError(f"{path}: not found; run `dvc repro fetch` first")
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    missing = {"train_images", "train_labels", "val_images", "val_labels", "class_names"} - set(arrays)
+    if missing:
+        raise PretrainInputError(f"{path}: missing array(s) {', '.join(sorted(missing))}; rerun `dvc repro fetch`")
+    if len(arrays["train_images"]) == 0 or len(arrays["val_images"]) == 0:
+        raise PretrainInputError(f"{path}: holds no source-domain images, which pretrain.source=scratch needs; "
+                                 "set fetch.source_domain to an ImageNet-layout set (e.g. imagenette-128.zip), "
+                                 "or set pretrain.source to imagenet or none")
+    for split in ("train", "val"):
+        images = arrays[f"{split}_images"]
+        if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+            raise PretrainInputError(f"{path}: {split}_images must be (N,S,S,3) uint8, got {images.shape} "
+                                     f"{images.dtype}; rerun `dvc repro fetch`")
+    return arrays
+
+
+def train_from_scratch(domain: dict, params, checkpoints: Path):
+    """EF-FER1 trained on the source domain; returns (its backbone, the fit result)."""
+    pretrain = params.pretrain
+    num_classes = len(domain["class_names"])
+    stored_size = domain["train_images"].shape[1]
+
+    def build():
+        return models.build_pretrain_classifier(pretrain.backbone, pretrain.image_size, num_classes,
+                                                PRETRAIN_HEAD_DROPOUT, input_size=stored_size)
+
+    settings = train.TrainingSettings.from_params(pretrain, params.seed)
+    checkpoint_dir = train.keyed_checkpoint_dir(checkpoints, {"seed": params.seed, "pretrain": params.section("pretrain"),
+                                                              "data": domain["sha256"]})
+    result = train.fit_classifier(build, (domain["train_images"], domain["train_labels"]),
+                                  (domain["val_images"], domain["val_labels"]), settings, checkpoint_dir,
+                                  num_classes, log_to_mlflow=True)
+    return result.model.get_layer(models.BACKBONE_LAYER), result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--source-domain", type=Path, default=Path("data/raw/source_domain.npz"))
+    parser.add_argument("--audit", type=Path, default=Path("data/validated/audit.parquet"))
+    parser.add_argument("--out", type=Path, default=Path("models/pretrain"))
+    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/pretrain"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/pretrain.json"))
+    arguments = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        params = load_params(arguments.params)
+        if not arguments.audit.is_file():
+            raise PretrainInputError(f"{arguments.audit}: not found; run `dvc repro validate` first")
+        pretrain = params.pretrain
+        if pretrain.backbone not in models.BACKBONES:
+            raise ParamsError(f"params.yaml: pretrain.backbone is {pretrain.backbone!r}; choose one of "
+                              f"{', '.join(models.BACKBONES)}")
+        domain = None
+        if pretrain.source == "scratch":
+            domain = load_source_domain(arguments.source_domain)
+            domain["sha256"] = sha256_of_file(arguments.source_domain)
+        tracking.configure()  # fail fast on an unreachable tracking server, before any training
+    except (OSError, ValueError) as error:
+        sys.exit(f"pretrain: {error}")
+
+    provenance = {"source": pretrain.source, "backbone": pretrain.backbone, "channels": 3,
+                  "params": {"seed": params.seed, "pretrain": params.section("pretrain")},
+                  "git_commit": tracking.git_commit()}
+    if arguments.source_domain.is_file():
+        provenance["source_domain_sha256"] = sha256_of_file(arguments.source_domain)
+    metrics = {}
+    with tracking.stage_run("pretrain", {"seed": params.seed, **params.section("pretrain")},
+                            tags={"source": pretrain.source, "backbone": pretrain.backbone}) as run:
+        backbone = None
+        try:
+            if pretrain.source == "scratch":
+                backbone, result = train_from_scratch(domain, params, arguments.checkpoints)
+                metrics.update(source_val_accuracy=result.best["val_accuracy"],
+                               source_train_accuracy=result.best["accuracy"],
+                               source_val_loss=result.best["val_loss"], best_epoch=result.best_epoch,
+                               epochs_run=result.epochs_run, training_seconds=round(result.seconds, 2),
+                               train_images_per_second=result.train_images_per_second,
+                               source_classes=len(domain["class_names"]))
+                provenance.update(best_epoch=result.best_epoch, stopped_by=result.stopped_by, runtime=result.runtime,
+                                  class_names=domain["class_names"].tolist())
+            elif pretrain.source == "imagenet":
+                weights = pretrain.weights_file or "imagenet"
+                backbone = models.build_backbone(pretrain.backbone, pretrain.image_size)
+                provenance["weights"] = models.load_backbone_weights(backbone, pretrain.backbone, weights)
+        except (OSError, ValueError) as error:
+            sys.exit(f"pretrain: {error}")
+        metrics["seconds"] = round(time.perf_counter() - started, 2)
+        run_record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                      "tracking_uri": tracking.tracking_uri()}
+        with atomic_directory(arguments.out) as temporary:
+            if backbone is not None:
+                backbone.save_weights(temporary / "backbone.weights.h5")
+                provenance["backbone_weights_sha256"] = sha256_of_file(temporary / "backbone.weights.h5")
+            write_json(temporary / "provenance.json", provenance)
+            write_json(temporary / "mlflow_run.json", run_record)
+        write_json(arguments.metrics, metrics)
+        tracking.log_numeric_metrics(metrics)
+        import mlflow
+
+        mlflow.log_artifact(str(arguments.out / "provenance.json"))
+    print(f"pretrain: {metrics}")
+
+
+if __name__ == "__main__":
+    main()
