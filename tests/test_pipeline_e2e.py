@@ -35,7 +35,12 @@ def run(command: list[str], cwd: Path, environment: dict) -> subprocess.Complete
 def pipeline(tmp_path_factory):
     require(FER2013_ZIP)
     require(IMAGENETTE_ZIP)
-    project = copy_project(tmp_path_factory.mktemp("project"))
+    # CI keeps the run (DLFER_E2E_DIR) so that .ci/run can hold its metrics against the baseline.
+    keep = os.environ.get("DLFER_E2E_DIR")
+    if keep:
+        shutil.rmtree(keep, ignore_errors=True)
+        Path(keep).mkdir(parents=True)
+    project = copy_project(Path(keep) if keep else tmp_path_factory.mktemp("project"))
     environment = stage_environment(project)
     # No MLFLOW_TRACKING_URI: the stages must find the default store at the repository root.
     environment.pop("MLFLOW_TRACKING_URI")
