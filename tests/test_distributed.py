@@ -1,7 +1,8 @@
 """Multi-worker training: two CPU workers of the real finetune stage on 127.0.0.1 (TF_CONFIG).
 
-Both processes train in lockstep with MultiWorkerMirroredStrategy; only the chief writes the
-outputs and logs to MLflow, so one run results.
+Keras 3's model.fit cannot train under MultiWorkerMirroredStrategy (keras-team/keras#20585;
+reproduced with TF 2.20 / Keras 3.15: "Attempt to convert a value (PerReplica...)"). Until it
+can, both workers must stop at once with a one-line reason, before reading data or logging.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def test_two_cpu_workers_finish_one_epoch_and_the_chief_logs_one_run(tmp_path):
+def test_two_cpu_workers_stop_at_once_with_the_reason(tmp_path):
     rng = np.random.default_rng(0)
     (tmp_path / "data").mkdir()
     for split, count in (("train", 28), ("val", 14)):
@@ -59,14 +60,8 @@ def test_two_cpu_workers_finish_one_epoch_and_the_chief_logs_one_run(tmp_path):
             cwd=tmp_path, env=worker_environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [worker.communicate(timeout=600)[0] for worker in workers]
     for worker, output in zip(workers, outputs):
-        assert worker.returncode == 0, output[:6000]
-
-    assert (tmp_path / "worker0" / "model" / "model.keras").is_file()  # the chief (worker 0) writes
-    assert not (tmp_path / "worker1" / "model" / "model.keras").exists()
-    metrics = json.loads((tmp_path / "worker0" / "metrics.json").read_text())
-    assert metrics["epochs_run"] == 1
-
+        assert worker.returncode != 0
+        assert "multi_worker is not supported by Keras 3's model.fit (keras-team/keras#20585)" in output
+    assert not (tmp_path / "worker0" / "model").exists() and not (tmp_path / "worker1" / "model").exists()
     client = mlflow.MlflowClient(tracking_uri=environment["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name("dlfer")
-    runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'finetune'")
-    assert len(runs) == 1
+    assert client.get_experiment_by_name("dlfer") is None  # nothing logged

@@ -145,8 +145,12 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
         if not os.environ.get("TF_CONFIG"):
             raise ValueError("finetune.distribution is multi_worker but TF_CONFIG is not set; set it on every "
                              "worker (see the TensorFlow multi-worker guide) or use distribution: auto")
-        # Created first: MultiWorkerMirroredStrategy must exist before other TensorFlow work in the process.
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        # Keras 3's model.fit cannot consume MultiWorkerMirroredStrategy's per-replica batches
+        # ("Attempt to convert a value (PerReplica...)": keras-team/keras#20585, tensorflow#72388,
+        # reproduced here with TF 2.20 / Keras 3.15 on two CPU workers). Refuse before any work
+        # rather than crash inside the first epoch on every worker.
+        raise ValueError("finetune.distribution: multi_worker is not supported by Keras 3's model.fit "
+                         "(keras-team/keras#20585); use mirrored for several GPUs on one machine")
     elif settings.distribution == "mirrored" or (settings.distribution == "auto" and len(gpus) > 1):
         strategy = tf.distribute.MirroredStrategy()
     else:
