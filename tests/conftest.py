@@ -95,3 +95,15 @@ def tiny_audit(table: pd.DataFrame) -> pd.DataFrame:
     audit.loc[[train[1], test[0]], "exact_group"] = 0  # a Training image duplicated in the test usage
     audit.loc[[train[1], test[0]], "cross_usage_duplicate"] = True
     return audit
+
+
+def data_stage_project(directory: Path, per_class_usage: dict[str, int]) -> Path:
+    """A scratch project holding fetch's and validate's outputs for a tiny table, ready for preprocess."""
+    table = tiny_raw_table(per_class_usage)
+    (directory / "data" / "raw").mkdir(parents=True)
+    (directory / "data" / "validated").mkdir(parents=True)
+    table.to_parquet(directory / "data" / "raw" / "fer2013.parquet")
+    tiny_audit(table).to_parquet(directory / "data" / "validated" / "audit.parquet")
+    shutil.copy2(PROJECT / "params.yaml", directory / "params.yaml")
+    shutil.copytree(PROJECT / "stages", directory / "stages")
+    return directory

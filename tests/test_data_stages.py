@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,19 +10,12 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import PROJECT, stage_environment, tiny_audit, tiny_raw_table
+from conftest import data_stage_project, stage_environment
 
 
 @pytest.fixture
 def project(tmp_path):
-    table = tiny_raw_table({"Training": 12, "PublicTest": 3, "PrivateTest": 3})
-    (tmp_path / "data" / "raw").mkdir(parents=True)
-    (tmp_path / "data" / "validated").mkdir(parents=True)
-    table.to_parquet(tmp_path / "data" / "raw" / "fer2013.parquet")
-    tiny_audit(table).to_parquet(tmp_path / "data" / "validated" / "audit.parquet")
-    shutil.copy2(PROJECT / "params.yaml", tmp_path / "params.yaml")
-    shutil.copytree(PROJECT / "stages", tmp_path / "stages")
-    return tmp_path
+    return data_stage_project(tmp_path, {"Training": 12, "PublicTest": 3, "PrivateTest": 3})
 
 
 def set_params(project: Path, **sections) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT, stage_environment, tiny_audit, tiny_raw_table
+from conftest import data_stage_project, stage_environment
 from dlfer import tracking
 
 
@@ -46,14 +45,7 @@ def free_port() -> int:
 
 
 def small_project(tmp_path: Path) -> Path:
-    table = tiny_raw_table({"Training": 4, "PublicTest": 2, "PrivateTest": 2})
-    (tmp_path / "data" / "raw").mkdir(parents=True)
-    (tmp_path / "data" / "validated").mkdir(parents=True)
-    table.to_parquet(tmp_path / "data" / "raw" / "fer2013.parquet")
-    tiny_audit(table).to_parquet(tmp_path / "data" / "validated" / "audit.parquet")
-    shutil.copy2(PROJECT / "params.yaml", tmp_path / "params.yaml")
-    shutil.copytree(PROJECT / "stages", tmp_path / "stages")
-    return tmp_path
+    return data_stage_project(tmp_path, {"Training": 4, "PublicTest": 2, "PrivateTest": 2})
 
 
 @pytest.fixture
