@@ -297,9 +297,26 @@ def test_real_fer2013_audit_finds_the_known_defects(real_table):
     assert metrics["label_conflict_images"] > 0
     assert metrics["blank_images"] > 0
     assert metrics["near_duplicate_pairs"] > 0
+    # The shared copy's Training images are heavily blurred, its test images sharp: the audit must see it.
+    assert metrics["sharpness_ratio_eval_to_training"] > 4
     assert len(outcome.audit) == len(real_table) and outcome.audit["image_id"].is_unique
 
     # The vectorised phash is imagehash.phash, bit for bit, on real faces too.
     sample = real_table.sample(200, random_state=0)
     expected = [str(imagehash.phash(Image.frombytes("L", (48, 48), pixels))) for pixels in sample["pixels"]]
     assert outcome.audit.loc[sample.index, "phash"].tolist() == expected
+
+
+def test_sharpness_by_usage_exposes_a_blurred_training_split():
+    from scipy import ndimage
+
+    from dlfer.validation import sharpness_by_usage
+
+    rng = np.random.default_rng(0)
+    sharp = rng.integers(0, 256, size=(6, 48, 48)).astype(np.uint8)
+    blurred = np.stack([ndimage.gaussian_filter(image.astype(float), 3.5) for image in sharp]).astype(np.uint8)
+    metrics = sharpness_by_usage(np.concatenate([blurred, sharp]), ["Training"] * 6 + ["PrivateTest"] * 6)
+    assert metrics["sharpness_median_training"] < metrics["sharpness_median_privatetest"] / 100
+    assert metrics["sharpness_ratio_eval_to_training"] > 100
+    same = sharpness_by_usage(np.concatenate([sharp, sharp]), ["Training"] * 6 + ["PublicTest"] * 6)
+    assert same["sharpness_ratio_eval_to_training"] == 1.0

@@ -238,6 +238,32 @@ def pixel_std(images: np.ndarray) -> np.ndarray:
                            for start in range(0, len(flat), IMAGE_CHUNK)] or [np.zeros(0, np.float32)])
 
 
+def laplacian_variance(images: np.ndarray) -> np.ndarray:
+    """Per-image variance of the 4-neighbour Laplacian: a standard sharpness score (blur drives it to ~0)."""
+    scores = []
+    for start in range(0, len(images), IMAGE_CHUNK):
+        chunk = images[start:start + IMAGE_CHUNK].astype(np.float32)
+        laplacian = (chunk[:, :-2, 1:-1] + chunk[:, 2:, 1:-1] + chunk[:, 1:-1, :-2] + chunk[:, 1:-1, 2:]
+                     - 4 * chunk[:, 1:-1, 1:-1])
+        scores.append(laplacian.reshape(len(chunk), -1).var(axis=1))
+    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+
+def sharpness_by_usage(images: np.ndarray, usages: list[str]) -> dict[str, float]:
+    """Median sharpness per usage, and how much sharper the evaluation usages are than Training.
+
+    A model trained on blurred faces and evaluated on sharp ones (or the reverse) measures the
+    blur, not the emotions; the ratio makes such a shift between splits visible.
+    """
+    scores, usages = laplacian_variance(images), np.asarray(usages)
+    medians = {usage: float(np.median(scores[usages == usage])) for usage in USAGES if (usages == usage).any()}
+    metrics = {f"sharpness_median_{usage.lower()}": value for usage, value in medians.items()}
+    if "Training" in medians and len(medians) > 1:
+        evaluation = [value for usage, value in medians.items() if usage != "Training"]
+        metrics["sharpness_ratio_eval_to_training"] = float(np.median(evaluation) / max(medians["Training"], 1e-6))
+    return metrics
+
+
 def perceptual_hashes(images: np.ndarray) -> np.ndarray:
     """imagehash.phash of each (N, H, W) uint8 image as a uint64, bit for bit, vectorised.
 
@@ -481,6 +507,7 @@ def validate_table(table: pd.DataFrame, params: ValidateParams) -> ValidationOut
         audit.frame.insert(0, "image_id", table["image_id"].astype(str).to_numpy())
         outcome.audit, outcome.near_pairs = audit.frame, audit.near_pairs
         metrics.update(audit.counts)
+        metrics.update(sharpness_by_usage(images, table["usage"].tolist()))
     metrics["critical_failures"] = len(critical)
     metrics["passed"] = not critical
     return outcome
@@ -534,7 +561,27 @@ def _report_markdown(outcome: ValidationOutcome, raw_path) -> str:
                   "perceptual hashes differ in few bits (blank images left out). `duplicate_of_eval` marks "
                   "Training images with an exact copy in PublicTest or PrivateTest; `label_conflict` marks "
                   "exact copies that carry different labels.", "", "![examples](examples.png)"]
+        lines += _sharpness_section(metrics)
     return "\n".join(lines) + "\n"
+
+
+# Evaluation images this many times sharper (or blurrier) than Training are reported as a split shift.
+SHARPNESS_SHIFT_RATIO = 4.0
+
+
+def _sharpness_section(metrics: dict) -> list[str]:
+    ratio = metrics.get("sharpness_ratio_eval_to_training")
+    if ratio is None:
+        return []
+    lines = ["", "## Sharpness by usage (variance of the Laplacian, median)", "",
+             "| usage | median sharpness |", "|---|---|"]
+    lines += [f"| {usage} | {metrics[f'sharpness_median_{usage.lower()}']:.1f} |" for usage in USAGES
+              if f"sharpness_median_{usage.lower()}" in metrics]
+    if ratio > SHARPNESS_SHIFT_RATIO or ratio < 1 / SHARPNESS_SHIFT_RATIO:
+        lines += ["", f"**Split shift:** the evaluation usages are {ratio:.0f}x as sharp as Training. A model "
+                  "trained on these Training images is evaluated on differently blurred faces, so its validation "
+                  "and test accuracy measure the blur as much as the emotions. Check the source of the data."]
+    return lines
 
 
 _AUDIT_KEYS_IN_REPORT = (
