@@ -38,6 +38,7 @@ class PreprocessParams:
     drop_train_duplicates_of_eval: bool
     drop_conflicting_labels: bool
     subset_per_class: int
+    match_training_sharpness: bool
     image_size: int
     channels: int
 
