@@ -104,7 +104,9 @@ def main(
         report = compare.render_report(
             protocol=protocol, stage_metrics=stage_metrics, references=references, protocol_runs=protocol_runs,
             summary=summary, registration_text=registration.describe(),
-            chart_name=os.path.relpath(chart_path, report_path.parent), metrics_dir=str(metrics_dir))
+            chart_name=os.path.relpath(chart_path, report_path.parent), metrics_dir=str(metrics_dir),
+            run_setup={"pretrain_source": params.pretrain.source, "pretrain_backbone": params.pretrain.backbone,
+                       "finetune_backbone": params.finetune.backbone, "image_size": params.preprocess.image_size})
 
         with atomic_path(chart_path) as temporary:
             draw_chart(temporary, references, stage_metrics, protocol_runs, protocol)

