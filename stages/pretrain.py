@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     if arguments.source_domain.is_file():
         provenance["source_domain_sha256"] = sha256_of_file(arguments.source_domain)
     metrics = {}
+    # DVC keeps this folder between runs (persist) and requires it to exist, whatever the source.
+    arguments.checkpoints.mkdir(parents=True, exist_ok=True)
     with tracking.stage_run("pretrain", {"seed": params.seed, **params.section("pretrain")},
                             tags={"source": pretrain.source, "backbone": pretrain.backbone}) as run:
         backbone = None

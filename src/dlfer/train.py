@@ -3,7 +3,8 @@
 fit_classifier builds the model inside the right distribution strategy and precision policy,
 feeds it numpy arrays through tf.data, and adds what a pipeline stage needs: best-epoch
 selection on the validation split, early stopping, a wall-clock budget, resumption after a
-crash, per-epoch records for MLflow and DVC plots, and determinism on CPU.
+crash, per-epoch records for MLflow and DVC plots, and determinism on CPU. Under
+MultiWorkerMirroredStrategy, where model.fit fails, dlfer.distributed trains with a custom loop.
 """
 
 from __future__ import annotations
@@ -95,11 +96,12 @@ def keyed_checkpoint_dir(root: str | Path, key: dict) -> Path:
 
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, num_classes: int,
-                 shuffle_seed: int | None = None) -> tf.data.Dataset:
+                 shuffle_seed: int | None = None, drop_remainder: bool = False) -> tf.data.Dataset:
     """Batches of (float32 pixels 0-255 with a channel axis, one-hot float32 labels) from uint8 arrays.
 
     The arrays stay uint8 in memory; conversion happens per batch in parallel. shuffle_seed None
     keeps the order (validation); a seed reshuffles every epoch, in the same order on every run.
+    drop_remainder leaves out the last partial batch (multi-worker training needs full batches).
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -112,7 +114,7 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, num_cl
     def to_model_inputs(batch_images, batch_labels):
         return tf.cast(batch_images, tf.float32), tf.one_hot(batch_labels, num_classes, dtype=tf.float32)
 
-    return (dataset.batch(batch_size)
+    return (dataset.batch(batch_size, drop_remainder=drop_remainder)
             .map(to_model_inputs, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE))
 
@@ -145,12 +147,13 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
         if not os.environ.get("TF_CONFIG"):
             raise ValueError("finetune.distribution is multi_worker but TF_CONFIG is not set; set it on every "
                              "worker (see the TensorFlow multi-worker guide) or use distribution: auto")
-        # Keras 3's model.fit cannot consume MultiWorkerMirroredStrategy's per-replica batches
-        # ("Attempt to convert a value (PerReplica...)": keras-team/keras#20585, tensorflow#72388,
-        # reproduced here with TF 2.20 / Keras 3.15 on two CPU workers). Refuse before any work
-        # rather than crash inside the first epoch on every worker.
-        raise ValueError("finetune.distribution: multi_worker is not supported by Keras 3's model.fit "
-                         "(keras-team/keras#20585); use mirrored for several GPUs on one machine")
+        # fit_classifier trains it with dlfer.distributed's custom loop, which runs in float32 without
+        # XLA: loss scaling and XLA-compiled collectives are untested there, so "on" is refused.
+        for name in ("mixed_precision", "jit_compile"):
+            if getattr(settings, name) == "on":
+                raise ValueError(f"finetune.{name}: on is not supported with distribution: multi_worker; "
+                                 "use auto or off")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
     elif settings.distribution == "mirrored" or (settings.distribution == "auto" and len(gpus) > 1):
         strategy = tf.distribute.MirroredStrategy()
     else:
@@ -161,9 +164,12 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
         # On CPU determinism costs little and makes two runs with one seed give identical metrics.
         # On a GPU some kernels have no deterministic version; there speed wins.
         tf.config.experimental.enable_op_determinism()
-    mixed_precision = settings.mixed_precision == "on" or (settings.mixed_precision == "auto" and bool(gpus))
+    custom_loop = settings.distribution == "multi_worker"
+    mixed_precision = settings.mixed_precision == "on" or (settings.mixed_precision == "auto" and bool(gpus)
+                                                           and not custom_loop)
     # XLA is a large win on GPUs; on these CPUs it made EfficientNet training ~8x slower (measured).
-    jit_compile = settings.jit_compile == "on" or (settings.jit_compile == "auto" and bool(gpus))
+    jit_compile = settings.jit_compile == "on" or (settings.jit_compile == "auto" and bool(gpus)
+                                                   and not custom_loop)
     runtime = {"mixed_precision": mixed_precision, "jit_compile": jit_compile, "gpus": len(gpus),
                "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
                "deterministic": deterministic}
@@ -181,6 +187,15 @@ def fit_classifier(build_model: Callable[[], keras.Model], train: tuple[np.ndarr
     experiment never resumes another one's state. It is emptied when training completes.
     """
     strategy, runtime = runtime or configure_runtime(settings)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # Keras 3's model.fit fails under this strategy (keras-team/keras#20585): a custom loop instead.
+        # Imported here because dlfer.distributed builds on this module.
+        from dlfer.distributed import fit_multi_worker
+
+        if callbacks:
+            raise ValueError("Keras callbacks are not supported with distribution: multi_worker")
+        return fit_multi_worker(build_model, train, val, settings, checkpoint_dir, num_classes, strategy=strategy,
+                                runtime=runtime, log_to_mlflow=log_to_mlflow, verbose=verbose)
     checkpoint_dir = Path(checkpoint_dir)
     if not is_chief():
         # Workers other than the chief train in lockstep but must not write the shared state.
