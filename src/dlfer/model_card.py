@@ -305,8 +305,15 @@ def _limitations(facts: dict) -> str:
     worst.sort(key=lambda row: float(row["f1"]))
     weakest = (f" The weakest class here is {worst[0]['emotion']} (F1 {percent(worst[0]['f1'])}, "
                f"{worst[0].get('support')} test images).") if worst else ""
+    sigma = _number(facts["preprocess"].get("eval_blur_sigma")) or 0.0
+    blurred = (f"""- **Trained and tested on blurred faces.** Every Training face of this data copy is blurred, so
+  preprocess blurred the validation and test faces too (Gaussian sigma {sigma:g} px,
+  `preprocess.match_training_sharpness`). The metrics here are on blurred faces and not comparable to
+  published FER2013 results; on sharp photos the model meets faces unlike any it learned from.
+""" if sigma > 0 else "")
     return f"""## Known limitations
 
+{blurred}
 - **Label noise.** Each FER2013 image was labelled once; human accuracy on it is about 65 +/- 5%
   (Goodfellow et al. 2013), so the test labels themselves are wrong for a sizeable share of images. The
   validate stage found {plain(validate.get('label_conflict_images'))} images in exact-duplicate groups with
