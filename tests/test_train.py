@@ -153,3 +153,12 @@ def test_checkpoints_are_keyed_so_a_params_change_starts_fresh(tmp_path):
     assert train.keyed_checkpoint_dir(tmp_path, {"finetune": {"learning_rate": 0.001}}) == first
     second = train.keyed_checkpoint_dir(tmp_path, {"finetune": {"learning_rate": 0.01}})
     assert second != first and not first.exists()
+
+
+def test_mirrored_distribution_trains_through_model_fit_under_the_strategy(tmp_path):
+    """distribution: mirrored (several GPUs on one machine) on this CPU-only machine: one replica, same path."""
+    result = fit(tmp_path, epochs=2, distribution="mirrored")
+    assert result.runtime["strategy"] == "MirroredStrategy" and result.runtime["replicas"] >= 1
+    assert result.epochs_run == 2 and result.history[-1]["val_accuracy"] > 1 / CLASSES
+    predicted = result.model.predict(VAL[0][..., None].astype("float32"), verbose=0).argmax(axis=1)
+    assert float((predicted == VAL[1]).mean()) == pytest.approx(result.best["val_accuracy"])
