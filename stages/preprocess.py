@@ -52,7 +52,7 @@ def build_dataset(table: pd.DataFrame, audit: pd.DataFrame, params, seed: int) -
     images = splits.decode_images(table)
     summary = {}
     if params.match_training_sharpness:
-        images, summary = sharpness.match_training_sharpness(images, table["usage"].to_numpy(), seed)
+        images, summary = sharpness.match_training_sharpness(images, table["usage"].to_numpy())
     kept = table[keep]
     dataset = {
         "images": images[keep],
