@@ -129,3 +129,60 @@ def test_stage_refuses_bad_input_with_one_line_and_keeps_earlier_outputs(project
     params["fetch"]["source_domain_sizee"] = 16
     result = run_stage(directory, params)
     assert result.returncode == 2 and "unknown key(s) fetch.source_domain_sizee" in result.stderr
+
+
+def outputs_state(directory: Path) -> dict[str, tuple[bytes, int]]:
+    return {name: ((directory / name).read_bytes(), (directory / name).stat().st_mtime_ns) for name in OUTPUTS}
+
+
+def with_members(source: Path, target: Path, extra: dict[str, bytes]) -> Path:
+    """A copy of a sample zip with extra members."""
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(target, "w") as copy:
+        for name in archive.namelist():
+            copy.writestr(name, archive.read(name))
+        for name, data in extra.items():
+            copy.writestr(name, data)
+    return target
+
+
+def test_stage_refuses_hostile_or_inconsistent_faces_naming_the_file(project):
+    """Bad inputs built from the real faces: one line naming the file and the fix, no traceback, outputs kept."""
+    import io
+
+    from PIL import Image
+
+    directory, fer_zip, params = project
+    params["fetch"]["source_domain"] = ""
+    assert run_stage(directory, params).returncode == 0
+    before = outputs_state(directory)
+
+    with zipfile.ZipFile(fer_zip) as archive:
+        faces = {name: archive.read(name) for name in archive.namelist()}
+    angry = next(name for name in faces if name.startswith("train/angry/"))
+    colour = io.BytesIO()
+    Image.open(io.BytesIO(faces[angry])).convert("RGB").resize((64, 64)).save(colour, format="JPEG")
+    downloads = directory / "downloads"
+    latin1 = downloads / "latin1"
+    for name, data in faces.items():
+        (latin1 / name).parent.mkdir(parents=True, exist_ok=True)
+        (latin1 / name).write_bytes(data)
+    (latin1 / "train" / "angry" / os.fsdecode(b"Training_caf\xe9.jpg")).write_bytes(faces[angry])
+    cases = [
+        (with_members(fer_zip, downloads / "hostile.zip", {"../../escaped.jpg": faces[angry]}),
+         "hostile.zip: ../../escaped.jpg: ", "download it again from a trusted source"),
+        (with_members(fer_zip, downloads / "twice.zip", {angry.replace("/angry/", "/happy/"): faces[angry]}),
+         f"twice.zip: {angry} and {angry.replace('/angry/', '/happy/')} are the same image",
+         "keep it only in the folder of its true emotion"),
+        (with_members(fer_zip, downloads / "big.zip", {"train/happy/Training_99999999.jpg": colour.getvalue()}),
+         "big.zip: train/happy/Training_99999999.jpg: 64x64 pixels", "remove it"),
+        (latin1, "latin1: train/angry/Training_caf\\xe9.jpg: the file name is not valid UTF-8", "rename the file"),
+    ]
+    for source, named, fix in cases:
+        result = run_stage(directory, params | {"fetch": params["fetch"] | {"source": str(source)}})
+        assert result.returncode == 2, (source, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fetch: "), result.stderr
+        assert named in lines[0] and fix in lines[0], lines[0]
+        assert "Traceback" not in result.stderr and " object at 0x" not in result.stderr
+        assert outputs_state(directory) == before
+    assert not list(directory.parent.glob("escaped.jpg")) and not list(directory.rglob("escaped.jpg"))

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import os
 import threading
 import zipfile
 from pathlib import Path
@@ -200,12 +201,70 @@ def test_archive_of_extracted_folder_with_os_junk_reads_the_same(fer_sample, tmp
     pd.testing.assert_frame_equal(read(str(folder))[1], plain)
 
 
-def test_colour_and_odd_sized_images_are_kept_as_decoded(fer_sample, tmp_path):
-    members = dict(list(fer_sample.items())[:3])
-    members["train/happy/Training_5.jpg"] = jpeg(np.full((50, 40, 3), (250, 10, 10), np.uint8))
-    _, table = read(str(write_zip(tmp_path / "odd.zip", members)))
-    odd = table[table["source"] == "train/happy/Training_5.jpg"].iloc[0]
-    assert (odd.height, odd.width, odd.channels, len(odd.pixels)) == (50, 40, 3, 50 * 40 * 3)
+def real_face(fer_sample: dict[str, bytes], mode: str = "L", side: int = 48) -> bytes:
+    """A real FER2013 face from the sample, re-encoded in `mode` at side x side."""
+    face = Image.open(io.BytesIO(next(iter(fer_sample.values())))).convert(mode).resize((side, side))
+    return jpeg(np.asarray(face))
+
+
+def test_colour_faces_are_kept_as_decoded_and_odd_sizes_refused(fer_sample, tmp_path):
+    members = fer_sample | {"train/happy/Training_5.jpg": real_face(fer_sample, "RGB")}
+    _, table = read(str(write_zip(tmp_path / "colour.zip", members)))
+    colour = table[table["source"] == "train/happy/Training_5.jpg"].iloc[0]
+    assert (colour.height, colour.width, colour.channels, len(colour.pixels)) == (48, 48, 3, 48 * 48 * 3)
+
+    # A 64x64 face is no FER2013 image: refused at fetch, naming it, not left for validate to count.
+    members = fer_sample | {"train/happy/Training_5.jpg": real_face(fer_sample, "RGB", side=64)}
+    for path in (write_zip(tmp_path / "odd.zip", members), write_folder(tmp_path / "odd", members)):
+        with pytest.raises(sources.FetchError, match="64x64 pixels, but FER2013 faces are 48x48") as error:
+            read(str(path))
+        assert_one_line_naming(error, f"{path}: train/happy/Training_5.jpg: ")
+
+
+def test_path_traversal_entry_is_refused_naming_it(fer_sample, tmp_path):
+    for name in ("../../escaped.jpg", "train/angry/../../../escaped.jpg", "/etc/escaped.jpg", "C:/escaped.jpg",
+                 "__MACOSX/../../escaped.jpg"):
+        path = write_zip(tmp_path / "hostile.zip", fer_sample | {name: next(iter(fer_sample.values()))})
+        with pytest.raises(sources.FetchError, match="points outside the archive") as error:
+            read(str(path))
+        assert_one_line_naming(error, f"{path}: {name}: ")
+    assert not (tmp_path.parent / "escaped.jpg").exists() and not list(tmp_path.rglob("escaped.jpg"))
+
+
+@pytest.mark.parametrize("container", ["zip", "folder"])
+def test_one_image_in_two_emotion_folders_is_refused_naming_both(fer_sample, tmp_path, container):
+    first = next(name for name in fer_sample if name.startswith("train/angry/"))
+    copy = first.replace("/angry/", "/happy/")
+    members = fer_sample | {copy: fer_sample[first]}
+    path = write_zip(tmp_path / "twice.zip", members) if container == "zip" else write_folder(tmp_path / "twice", members)
+    with pytest.raises(sources.FetchError, match="same image \\(same name, same pixels\\) under two emotions") as error:
+        read(str(path))
+    assert_one_line_naming(error, f"{first} and {copy}")
+
+
+def test_same_name_with_other_pixels_in_two_folders_is_kept(fer_sample, tmp_path):
+    # Real FER2013 has this: train/angry/ and train/surprise/ both hold a Training_8475486.jpg, two faces.
+    first = next(name for name in fer_sample if name.startswith("train/angry/"))
+    other_face = next(data for name, data in fer_sample.items() if name.startswith("train/sad/"))
+    _, table = read(str(write_zip(tmp_path / "names.zip", fer_sample | {first.replace("/angry/", "/happy/"): other_face})))
+    assert len(table) == len(fer_sample) + 1
+
+
+def test_file_name_that_is_not_utf8_is_refused_naming_its_bytes(fer_sample, tmp_path):
+    folder = write_folder(tmp_path / "latin1", fer_sample)
+    # Bytes that are no UTF-8 (a Latin-1 e-acute), as a copy made on an old system may name a file.
+    (folder / "train" / "angry" / os.fsdecode(b"Training_caf\xe9.jpg")).write_bytes(next(iter(fer_sample.values())))
+    with pytest.raises(sources.FetchError, match="not valid UTF-8") as error:
+        read(str(folder))
+    assert_one_line_naming(error, "train/angry/Training_caf\\xe9.jpg: ")
+    assert "\\udc" not in str(error.value)
+
+    # A zip entry flagged as UTF-8 whose name bytes are not: the same refusal, naming the entry.
+    path = write_zip(tmp_path / "flagged.zip", fer_sample | {"train/angry/Training_café.jpg": b"x"})
+    path.write_bytes(path.read_bytes().replace("café".encode(), b"caf\xff\xfe"))
+    with pytest.raises(sources.FetchError, match="marked UTF-8 but is not") as error:
+        read(str(path))
+    assert_one_line_naming(error, "train/angry/Training_caf\\xff\\xfe.jpg: ")
 
 
 # ---------------------------------------------------------------- bad input
@@ -226,8 +285,8 @@ def test_bad_member_stops_with_one_line_naming_it(fer_sample, tmp_path, containe
     path = write_zip(tmp_path / "bad.zip", members) if container == "zip" else write_folder(tmp_path / "bad", members)
     with pytest.raises(sources.FetchError, match=reason) as error:
         read(str(path))
-    assert_one_line_naming(error, str(path))
-    assert_one_line_naming(error, member)
+    assert_one_line_naming(error, f"{path}: {member}: ")
+    assert str(error.value).count(member) == 1 and " object at 0x" not in str(error.value), error.value
 
 
 def test_truncated_and_corrupt_archives_are_refused(fer_sample, tmp_path):

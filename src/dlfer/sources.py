@@ -23,6 +23,10 @@ top-level folder (an archive of the extracted folder). Everything else beside th
 Inside the split folders each file must be `<split>/<class>/<image>.jpg|jpeg|png`; anything
 else stops the fetch, except operating-system junk, which is skipped: `__MACOSX/` folders,
 hidden names starting with '.' (.DS_Store, AppleDouble `._*` files), Thumbs.db, desktop.ini.
+Also refused, naming the file: an archive entry whose name climbs out of the archive (`../x`,
+`/etc/x`: a broken or hostile archive; nothing is ever extracted, members are read in memory),
+a file name that is not valid UTF-8, a FER2013 image that is not 48x48, and one image (same name,
+same pixels) in two emotion folders, which would enter the table twice with two labels.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import hashlib
 import http.client
 import io
 import os
+import re
 import tempfile
 import urllib.parse
 import urllib.request
@@ -254,18 +259,18 @@ def parse_fer2013_member(member: str) -> tuple[str, int]:
     """(usage, label) of an image-folder member `<split>/<emotion>/<Usage>_<id>.jpg`; FetchError if malformed."""
     parts = member.split("/")
     if len(parts) != 3:
-        raise FetchError(f"{member}: expected <split>/<emotion>/<Usage>_<id>.jpg; move or remove it")
+        raise FetchError("expected <split>/<emotion>/<Usage>_<id>.jpg; move or remove it")
     split, emotion, file_name = parts
     if not file_name.lower().endswith(IMAGE_SUFFIXES):
-        raise FetchError(f"{member}: not an image file (expected {'/'.join(IMAGE_SUFFIXES)}); remove it")
+        raise FetchError(f"not an image file (expected {'/'.join(IMAGE_SUFFIXES)}); remove it")
     if emotion.lower() not in LABEL_OF_EMOTION:
-        raise FetchError(f"{member}: unknown emotion folder '{emotion}'; expected one of {', '.join(EMOTIONS)}")
+        raise FetchError(f"unknown emotion folder '{emotion}'; expected one of {', '.join(EMOTIONS)}")
     usage = file_name.split("_", 1)[0]
     if usage not in USAGES:
-        raise FetchError(f"{member}: unknown usage prefix '{usage}'; file names start with "
+        raise FetchError(f"unknown usage prefix '{usage}'; file names start with "
                          f"{', '.join(usage + '_' for usage in USAGES)}")
     if SPLIT_OF_USAGE[usage] != split:
-        raise FetchError(f"{member}: a {usage} image in {split}/; {usage} images belong in {SPLIT_OF_USAGE[usage]}/")
+        raise FetchError(f"a {usage} image in {split}/; {usage} images belong in {SPLIT_OF_USAGE[usage]}/")
     return usage, LABEL_OF_EMOTION[emotion.lower()]
 
 
@@ -278,16 +283,35 @@ def decode_image(data: bytes) -> tuple[bytes, int, int, int]:
             decoded = image if image.mode == mode else image.convert(mode)
             return decoded.tobytes(), decoded.height, decoded.width, len(mode)
     except DECODE_ERRORS as error:
-        raise FetchError(f"not a decodable image ({error}); replace or remove the file") from None
+        raise FetchError(f"not a decodable image ({_decode_reason(error)}); replace or remove the file") from None
+
+
+def _decode_reason(error: Exception) -> str:
+    # Pillow names the file it could not identify by the repr of our in-memory buffer; the path says more.
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "Pillow recognises no image format in it"
+    return str(error) or type(error).__name__
 
 
 def _read_image_folder(path: Path) -> list[RawImage]:
     images = []
+    # (file name, pixel digest) -> member: one image copied into two emotion folders would carry two labels.
+    member_of_image: dict[tuple[str, str], str] = {}
     with _image_tree(path, FER2013_SPLITS) as (members, read):
         for member in members:
             with _located(f"{path}: {member}"):
                 usage, label = parse_fer2013_member(member)
                 pixels, height, width, channels = decode_image(read(member))
+                if (height, width) != (IMAGE_SIDE, IMAGE_SIDE):
+                    raise FetchError(f"{width}x{height} pixels, but FER2013 faces are {IMAGE_SIDE}x{IMAGE_SIDE}; "
+                                     "this file is not from FER2013 (or was resized): remove it")
+            # Two real FER2013 files share a name in two folders (Training_8475486.jpg, Training_52789098.jpg)
+            # yet hold different faces, so only a name *and* pixels match is refused.
+            key = (member.rsplit("/", 1)[-1], hashlib.sha256(pixels).hexdigest())
+            if key in member_of_image:
+                raise FetchError(f"{path}: {member_of_image[key]} and {member} are the same image (same name, same "
+                                 "pixels) under two emotions; keep it only in the folder of its true emotion")
+            member_of_image[key] = member
             images.append(RawImage(usage, label, height, width, channels, pixels, member))
     return images
 
@@ -364,6 +388,26 @@ def _is_junk(member: str) -> bool:
     return any(part in JUNK_NAMES or part.startswith(".") for part in member.split("/"))
 
 
+def _climbs_out(name: str) -> bool:
+    """Whether an archive entry's name would land outside the folder it was extracted into (zip slip)."""
+    parts = re.split(r"[/\\]", name)
+    return name.startswith(("/", "\\")) or bool(re.match(r"[A-Za-z]:", name)) or ".." in parts
+
+
+def _printable_name(name: str) -> str:
+    """A file name as text; bytes that are not UTF-8 (surrogate-escaped by the OS layer) shown as \\xNN."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
+
+
+def _require_utf8_names(path: Path, members: list[str]) -> None:
+    for member in members:
+        try:
+            member.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FetchError(f"{path}: {_printable_name(member)}: the file name is not valid UTF-8 (the bytes shown "
+                             "as \\xNN); rename the file to its FER2013 name, e.g. Training_<id>.jpg") from None
+
+
 def _single_subfolder_root(folder: Path, splits: tuple[str, ...]) -> Path | None:
     subfolders = [path for path in folder.iterdir() if path.is_dir() and not _is_junk(path.name)]
     if len(subfolders) == 1 and any((subfolders[0] / split).is_dir() for split in splits):
@@ -382,14 +426,28 @@ def _image_tree(path: Path, splits: tuple[str, ...]):
             raise FetchError(f"{path}: {layout}")
         members = sorted(file.relative_to(root).as_posix() for split in splits if (root / split).is_dir()
                          for file in (root / split).rglob("*") if file.is_file())
-        yield [member for member in members if not _is_junk(member)], lambda member: (root / member).read_bytes()
+        members = [member for member in members if not _is_junk(member)]
+        _require_utf8_names(path, members)
+        yield members, lambda member: (root / member).read_bytes()
         return
     try:
         archive = zipfile.ZipFile(path)
+    except UnicodeDecodeError as error:  # an entry flagged as UTF-8 whose name is not
+        name = error.object.decode("utf-8", errors="backslashreplace")
+        raise FetchError(f"{path}: {name}: the entry's name is marked UTF-8 but is not (the bytes shown as \\xNN); "
+                         "the archive is broken: download it again, or re-create it from the extracted "
+                         "files") from None
     except (zipfile.BadZipFile, OSError) as error:
         raise FetchError(f"{path}: not a readable zip archive ({error}); it is truncated or corrupt, "
                          "download it again") from None
     with archive:
+        # Members are read in memory and never extracted, but a name that climbs out of the archive means
+        # a broken or hostile archive: nothing in it can be trusted.
+        for name in archive.namelist():
+            if _climbs_out(name):
+                raise FetchError(f"{path}: {name}: an archive entry that points outside the archive (path "
+                                 "traversal); the archive is broken or hostile: do not extract it, download it "
+                                 "again from a trusted source")
         names = [name for name in archive.namelist() if not name.endswith("/") and not _is_junk(name)]
         tops = {name.split("/", 1)[0] for name in names}
         prefix = ""
@@ -405,7 +463,9 @@ def _image_tree(path: Path, splits: tuple[str, ...]):
             try:
                 return archive.read(prefix + member)
             except MEMBER_ERRORS as error:
-                raise FetchError(f"damaged zip member ({error}); the archive is corrupt, download it again") from None
+                # zipfile names the member again ("Bad CRC-32 for file '...'"); the caller already does.
+                reason = str(error).replace(f" for file {prefix + member!r}", "") or type(error).__name__
+                raise FetchError(f"damaged zip member ({reason}); the archive is corrupt, download it again") from None
 
         yield members, read
 
@@ -440,9 +500,9 @@ def source_domain_member(member: str) -> tuple[str, str]:
     """(split, class) of an ImageNet-layout member `<train|val>/<class>/<image>`; FetchError if malformed."""
     parts = member.split("/")
     if len(parts) != 3:
-        raise FetchError(f"{member}: expected <train|val>/<class>/<image>; move or remove it")
+        raise FetchError("expected <train|val>/<class>/<image>; move or remove it")
     if not parts[2].lower().endswith(IMAGE_SUFFIXES):
-        raise FetchError(f"{member}: not an image file (expected {'/'.join(IMAGE_SUFFIXES)}); remove it")
+        raise FetchError(f"not an image file (expected {'/'.join(IMAGE_SUFFIXES)}); remove it")
     return parts[0], parts[1]
 
 
@@ -464,7 +524,7 @@ def square_rgb(data: bytes, size: int) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             image = image.convert("RGB")
     except DECODE_ERRORS as error:
-        raise FetchError(f"not a decodable image ({error}); replace or remove the file") from None
+        raise FetchError(f"not a decodable image ({_decode_reason(error)}); replace or remove the file") from None
     width, height = image.size
     side = min(width, height)
     if width != height:
