@@ -163,6 +163,26 @@ def runs(limit: int = typer.Option(20, help="how many evaluate runs to show, new
     typer.echo(experiments.format_table(experiments.recent_runs(client, experiment.experiment_id, limit)))
 
 
+@app.command()
+def plots(targets: list[str] = typer.Argument(None, help="plot names or files (default: all of dvc.yaml's plots)"),
+          out: Path = typer.Option(Path("dvc_plots"), "--out", "-o", help="folder for index.html"),
+          revisions: list[str] = typer.Option(None, "--rev", help="compare git revisions or experiments, as "
+                                              "`dvc plots diff` (repeat the option)")) -> None:
+    """Draw the DVC plots (training curves, confusion matrices) on a page that needs no network.
+
+    The same plots as `dvc plots show`, whose page loads its chart library from a CDN and stays
+    blank offline; this page carries the library inline.
+    """
+    from dlfer import plots as plotting
+
+    try:
+        page = plotting.render(out, targets or None, revisions or None)
+    except RuntimeError as error:
+        typer.echo(f"plots: {error}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"plots: open {page.resolve().as_uri()}")
+
+
 def _yaml_scalar(value) -> str:
     return "true" if value is True else "false" if value is False else str(value)
 

@@ -173,6 +173,14 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
     runtime = {"mixed_precision": mixed_precision, "jit_compile": jit_compile, "gpus": len(gpus),
                "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
                "deterministic": deterministic}
+    # The one device line a user sees: TensorFlow's own device logs are silenced (dlfer/__init__.py).
+    if gpus:
+        names = sorted({tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name) for gpu in gpus})
+        device = f"{len(gpus)} GPU(s) ({', '.join(names)})"
+    else:
+        device = "the CPU (no GPU found)"
+    print(f"training on {device}: {runtime['strategy']}, {runtime['replicas']} replica(s), mixed precision "
+          f"{'on' if mixed_precision else 'off'}, XLA {'on' if jit_compile else 'off'}", flush=True)
     return strategy, runtime
 
 
