@@ -28,7 +28,7 @@ from dlfer import sources
 from dlfer.fer2013 import EMOTIONS, USAGES
 from dlfer.files import write_json
 from dlfer.params import ParamsError, load_params
-from dlfer.tracking import repository_root, stage_run
+from dlfer.tracking import configure, repository_root, stage_run
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -43,6 +43,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def fetch(arguments: argparse.Namespace) -> dict:
     """Read everything first and write only then, so a bad input leaves every earlier output untouched."""
     params = load_params(arguments.params)
+    configure()  # fail fast on an unreachable tracking store, before any work
     fetch_params = params.fetch
     # data/external/ and relative paths belong to the user's checkout, also inside a queued `dvc exp run` copy.
     root = repository_root()
@@ -60,7 +61,7 @@ def fetch(arguments: argparse.Namespace) -> dict:
                                             fetch_params.source_domain_per_class, params.seed)
     domain_seconds = time.perf_counter() - started
 
-    sources.write_canonical_table(table, arguments.out)
+    sources.write_canonical_table(table, arguments.out, source=source.location)
     sources.write_source_domain(domain, arguments.source_domain_out)
     class_counts = table.groupby(["usage", "emotion"]).size()
     metrics = {

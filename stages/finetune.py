@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     try:
         params = load_params(arguments.params)
+        if train.is_chief():
+            tracking.configure()  # fail fast on an unreachable tracking store, before any work (it is no TF work)
         settings = train.TrainingSettings.from_params(params.finetune, params.seed)
         runtime = train.configure_runtime(settings)  # first: multi-worker training must precede other TF work
         if not arguments.audit.is_file():
@@ -150,8 +152,6 @@ def main(argv: list[str] | None = None) -> None:
                               f"{', '.join(models.BACKBONES)}")
         train_split, val_split = load_split(arguments.train), load_split(arguments.val)
         source, initialisation = pretrained_backbone(arguments.variant, params, arguments.pretrained)
-        if train.is_chief():
-            tracking.configure()  # fail fast on an unreachable tracking server, before any training
     except (OSError, ValueError) as error:
         sys.exit(f"finetune: {error}")
 
@@ -178,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
             return  # a non-chief worker of multi-worker training: the chief writes every output
         metrics = {"train_accuracy": result.best["accuracy"], "val_loss": result.best["val_loss"],
                    **evaluate_best(result.model, *val_split), "best_epoch": result.best_epoch,
-                   "epochs_run": result.epochs_run, "resumed_at_epoch": result.resumed_at_epoch, "training_seconds": round(result.seconds, 2),
+                   "epochs_run": result.epochs_run, "epochs_planned": finetune.epochs,
+                   # The time budget is a safety net: a run it stopped depends on the machine's speed.
+                   "truncated": result.stopped_by == "max_seconds",
+                   "resumed_at_epoch": result.resumed_at_epoch, "training_seconds": round(result.seconds, 2),
                    "train_images_per_second": round(result.train_images_per_second, 2),
                    "train_images": len(train_split[0]), "val_images": len(val_split[0])}
         provenance = {"variant": arguments.variant, **initialisation, "params": logged_params, **data_hashes,

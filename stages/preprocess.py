@@ -4,9 +4,7 @@ Reads   data/raw/fer2013.parquet (fetch), data/validated/audit.parquet (validate
 Writes  data/prepared/dataset.npz: images (N,48,48) uint8, labels (N,), ids (N,), split (N,)
         with split in train/val/test (official) or pool (paper: split after augmentation);
         metrics/preprocess.json
-Params  seed, preprocess.protocol, preprocess.drop_*, preprocess.subset_per_class,
-        preprocess.match_training_sharpness (blur PublicTest/PrivateTest to Training's sharpness,
-        dlfer.sharpness; the sigma used is in metrics/preprocess.json as eval_blur_sigma)
+Params  seed, preprocess.protocol, preprocess.drop_*, preprocess.subset_per_class
 
 Images stay 48x48 uint8 here: at the paper's 224x224x3 float32, Training alone is 17 GB. The
 model resizes inside itself (preprocess.image_size, preprocess.channels, read by finetune), so
@@ -24,7 +22,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from dlfer import sharpness, splits, tracking
+from dlfer import splits, tracking
 from dlfer.files import atomic_path, write_json
 from dlfer.params import ParamsError, load_params
 
@@ -49,18 +47,14 @@ def build_dataset(table: pd.DataFrame, audit: pd.DataFrame, params, seed: int) -
     keep = ~reasons.any(axis=1).to_numpy()
     labels = table["label"].to_numpy(np.int64)
     keep &= splits.subset_per_class(labels, keep & np.isin(split, ("train", "pool")), params.subset_per_class, rng)
-    images = splits.decode_images(table)
-    summary = {}
-    if params.match_training_sharpness:
-        images, summary = sharpness.match_training_sharpness(images, table["usage"].to_numpy())
     kept = table[keep]
     dataset = {
-        "images": images[keep],
+        "images": splits.decode_images(kept),
         "labels": labels[keep],
         "ids": kept["image_id"].to_numpy(str),
         "split": split[keep],
     }
-    summary.update({f"dropped_{reason}": int(reasons[reason].sum()) for reason in reasons.columns})
+    summary = {f"dropped_{reason}": int(reasons[reason].sum()) for reason in reasons.columns}
     summary["dropped_by_subset"] = int((~keep).sum() - reasons.any(axis=1).sum())
     for name in np.unique(dataset["split"]):
         summary[f"n_{name}"] = int((dataset["split"] == name).sum())

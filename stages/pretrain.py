@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     try:
         params = load_params(arguments.params)
+        tracking.configure()  # fail fast on an unreachable tracking store, before any work
         if not arguments.audit.is_file():
             raise PretrainInputError(f"{arguments.audit}: not found; run `dvc repro validate` first")
         pretrain = params.pretrain
@@ -104,7 +105,6 @@ def main(argv: list[str] | None = None) -> None:
         if pretrain.source == "scratch":
             domain = load_source_domain(arguments.source_domain)
             domain["sha256"] = sha256_of_file(arguments.source_domain)
-        tracking.configure()  # fail fast on an unreachable tracking server, before any training
     except (OSError, ValueError) as error:
         sys.exit(f"pretrain: {error}")
 
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
                 metrics.update(source_val_accuracy=result.best["val_accuracy"],
                                source_train_accuracy=result.best["accuracy"],
                                source_val_loss=result.best["val_loss"], best_epoch=result.best_epoch,
-                               epochs_run=result.epochs_run, training_seconds=round(result.seconds, 2),
+                               epochs_run=result.epochs_run, truncated=result.stopped_by == "max_seconds",
+                               training_seconds=round(result.seconds, 2),
                                train_images_per_second=result.train_images_per_second,
                                source_classes=len(domain["class_names"]))
                 provenance.update(best_epoch=result.best_epoch, stopped_by=result.stopped_by, runtime=result.runtime,

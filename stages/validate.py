@@ -2,7 +2,7 @@
 
 Reads:   --raw      data/raw/fer2013.parquet (fetch's canonical table)
          --params   params.yaml `validate`: blank_max_std, near_duplicate_max_distance,
-                    require_official_counts
+                    require_official_counts, max_sharpness_ratio
 Writes:  --reports  reports/validate/: report.md (critical failures, class x usage counts against
                     the official release, audit counts), examples.png (blank images, cross-usage
                     and label-conflict duplicate pairs), gx_validation_result.json and
@@ -14,8 +14,9 @@ Writes:  --reports  reports/validate/: report.md (critical failures, class x usa
 MLflow:  run "validate" with params validate.*, the numeric metrics and reports/validate/ as artifacts.
 Exit:    0 when the table passed. 1 on critical failures (schema or type errors, labels outside
          the 7 classes, images that are not 48x48 greyscale, counts unlike the official ones when
-         required): the reports, metrics and MLflow run are written first so `report.md` says why,
-         and the audit is not written, so preprocess never reads an audit of a broken table.
+         required, one usage far more or less sharp than the others: a blurred copy): the
+         reports, metrics and MLflow run are written first so `report.md` says why, and the audit
+         is not written, so preprocess never reads an audit of a broken table.
          2 when params.yaml or the raw table is missing or unreadable, before anything is written.
 """
 
@@ -29,7 +30,7 @@ from pathlib import Path
 from dlfer import validation
 from dlfer.files import atomic_directory, atomic_path, write_json
 from dlfer.params import ParamsError, load_params
-from dlfer.tracking import log_numeric_metrics, stage_run
+from dlfer.tracking import configure, log_numeric_metrics, stage_run
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -47,12 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         params = load_params(arguments.params)
+        configure()  # fail fast on an unreachable tracking store, before any work
         table = validation.read_raw_table(arguments.raw)
     except (ParamsError, validation.RawTableError) as error:
         print(f"validate: {error}", file=sys.stderr)
         return 2
 
-    outcome = validation.validate_table(table, params.validate)
+    outcome = validation.validate_table(table, params.validate, source=validation.table_source(arguments.raw))
     outcome.metrics["seconds"] = round(time.perf_counter() - started, 2)
     with atomic_directory(arguments.reports) as directory:
         validation.write_reports(outcome, table, directory, arguments.raw)

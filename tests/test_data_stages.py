@@ -84,30 +84,3 @@ def test_missing_input_is_one_clear_line_and_writes_nothing(project):
     assert result.returncode != 0
     assert "audit.parquet: not found; run `dvc repro validate` first" in result.stderr
     assert not (project / "data" / "prepared").exists()
-
-
-def test_evaluation_faces_are_blurred_to_match_blurred_training_faces(project):
-    from dlfer.sharpness import gaussian_blur
-    import pandas as pd
-
-    raw_path = project / "data" / "raw" / "fer2013.parquet"
-    table = pd.read_parquet(raw_path)
-    training = table["usage"] == "Training"
-    images = np.frombuffer(b"".join(table["pixels"]), np.uint8).reshape(-1, 48, 48).copy()
-    images[training.to_numpy()] = gaussian_blur(images[training.to_numpy()], 2.0)
-    table["pixels"] = [image.tobytes() for image in images]
-    table.to_parquet(raw_path)
-    original = dict(zip(table["image_id"], images))
-
-    for match, blurred in ((False, False), (True, True)):
-        set_params(project, preprocess={"match_training_sharpness": match})
-        result = run_stage(project, "preprocess")
-        assert result.returncode == 0, result.stderr
-        dataset = load(project / "data" / "prepared" / "dataset.npz")
-        prepared = yaml.safe_load((project / "metrics" / "preprocess.json").read_text())
-        evaluation = dataset["split"] != "train"
-        same = [np.array_equal(image, original[image_id])
-                for image, image_id in zip(dataset["images"], dataset["ids"])]
-        assert all(np.array(same)[~evaluation])  # training faces are never touched
-        assert not any(np.array(same)[evaluation]) if blurred else all(same)
-        assert (prepared.get("eval_blur_sigma", 0.0) > 0) == blurred

@@ -199,7 +199,6 @@ def test_compare_before_and_after_a_paper_protocol_run(workspace, store_copy, tm
     assert "| [27] | 2024 | HybridizedCNN-LSTM | 79.34 |" in report
     assert "73.28" in report and "82.09" in report
     assert "EF-FER1: efficientnet_b0, trained here on the source-domain images" in report
-    assert "evaluation faces of this run were blurred" not in report
     assert (tmp_path / "reports" / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
     # A paper-protocol evaluate run, tagged as the evaluate stage tags its runs.
@@ -243,11 +242,10 @@ def test_compare_names_a_missing_metrics_file(workspace, store_copy, tmp_path):
     assert not (tmp_path / "compare.md").exists()
 
 
-def test_compare_names_the_ef_fer1_source_and_warns_of_blurred_evaluation_faces(workspace, store_copy, tmp_path):
+def test_compare_names_the_ef_fer1_source(workspace, store_copy, tmp_path):
     root, _ = workspace
     run_dir = tmp_path / "run"
     shutil.copytree(root / "metrics", run_dir / "metrics")
-    (run_dir / "metrics" / "preprocess.json").write_text(json.dumps({"eval_blur_sigma": 2.99, "n_test": 70}))
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["pretrain"].update(source="imagenet", backbone="efficientnet_lite0")
     params["finetune"]["backbone"] = "efficientnet_lite0"
@@ -261,5 +259,3 @@ def test_compare_names_the_ef_fer1_source_and_warns_of_blurred_evaluation_faces(
     report = (tmp_path / "compare.md").read_text()
     assert "EF-FER1: efficientnet_lite0, ImageNet weights (`pretrain.source: imagenet`). " \
            "EF-FER2: efficientnet_lite0 fine-tuned at 64x64 px" in report
-    assert "evaluation faces of this run were blurred** (Gaussian sigma 2.99 px" in report
-    assert "| eval_blur_sigma | 2.99 |" in report

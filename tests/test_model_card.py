@@ -82,15 +82,6 @@ def test_card_reports_each_figure_from_the_files(pipeline):
                      "| learning_rate | 0.0003 |", "backbone `efficientnet_b3`"):
         assert required in card, required
     assert "n/a" not in card.split("## Metrics")[1].split("## Ablation")[0]
-    assert "Trained and tested on blurred faces" not in card  # this run's preprocess blurred nothing
-
-
-def test_card_warns_when_the_evaluation_faces_were_blurred(pipeline):
-    root, _ = pipeline
-    write_json(root / "metrics" / "preprocess.json", {"protocol": "official", "n_train": 27961, "eval_blur_sigma": 2.99})
-    card = render(root)
-    limitations = card.split("## Known limitations")[1]
-    assert "**Trained and tested on blurred faces.**" in limitations and "sigma 2.99 px" in limitations
 
 
 def test_card_from_an_empty_run_marks_every_gap_and_never_fails(tmp_path):

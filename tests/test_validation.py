@@ -17,7 +17,8 @@ from dlfer import validation
 from dlfer.fer2013 import EMOTIONS, LABEL_OF_EMOTION, OFFICIAL_COUNTS, USAGES
 from dlfer.params import ValidateParams, load_params
 
-LENIENT = ValidateParams(blank_max_std=2.0, near_duplicate_max_distance=2, require_official_counts=False)
+LENIENT = ValidateParams(blank_max_std=2.0, near_duplicate_max_distance=2, require_official_counts=False,
+                         max_sharpness_ratio=2.0)
 
 
 def canonical_table(images, usages, labels, sources=None) -> pd.DataFrame:
@@ -240,7 +241,8 @@ def test_failures_name_the_bad_values():
 
 def test_count_mismatch_is_critical_only_when_required():
     table = small_table(np.random.default_rng(8))
-    strict = ValidateParams(blank_max_std=2.0, near_duplicate_max_distance=2, require_official_counts=True)
+    strict = ValidateParams(blank_max_std=2.0, near_duplicate_max_distance=2, require_official_counts=True,
+                            max_sharpness_ratio=2.0)
     outcome = validation.validate_table(table, strict)
     assert not outcome.passed
     assert all(failure.startswith("counts: count ") for failure in outcome.critical_failures)
@@ -297,8 +299,8 @@ def test_real_fer2013_audit_finds_the_known_defects(real_table):
     assert metrics["label_conflict_images"] > 0
     assert metrics["blank_images"] > 0
     assert metrics["near_duplicate_pairs"] > 0
-    # The shared copy's Training images are heavily blurred, its test images sharp: the audit must see it.
-    assert metrics["sharpness_ratio_eval_to_training"] > 4
+    # The shared copy is sharp in every usage (its blurred predecessor gave a ratio of ~340).
+    assert 1.0 <= metrics["sharpness_max_ratio"] < 1.2
     assert len(outcome.audit) == len(real_table) and outcome.audit["image_id"].is_unique
 
     # The vectorised phash is imagehash.phash, bit for bit, on real faces too.
@@ -307,16 +309,24 @@ def test_real_fer2013_audit_finds_the_known_defects(real_table):
     assert outcome.audit.loc[sample.index, "phash"].tolist() == expected
 
 
-def test_sharpness_by_usage_exposes_a_blurred_training_split():
+def test_a_usage_blurred_unlike_the_others_fails_with_the_figures_and_the_fix():
     from scipy import ndimage
 
-    from dlfer.validation import sharpness_by_usage
+    from dlfer.validation import sharpness_by_usage, sharpness_failure
 
     rng = np.random.default_rng(0)
-    sharp = rng.integers(0, 256, size=(6, 48, 48)).astype(np.uint8)
-    blurred = np.stack([ndimage.gaussian_filter(image.astype(float), 3.5) for image in sharp]).astype(np.uint8)
-    metrics = sharpness_by_usage(np.concatenate([blurred, sharp]), ["Training"] * 6 + ["PrivateTest"] * 6)
-    assert metrics["sharpness_median_training"] < metrics["sharpness_median_privatetest"] / 100
-    assert metrics["sharpness_ratio_eval_to_training"] > 100
-    same = sharpness_by_usage(np.concatenate([sharp, sharp]), ["Training"] * 6 + ["PublicTest"] * 6)
-    assert same["sharpness_ratio_eval_to_training"] == 1.0
+    sharp = np.stack([blocky_face(rng) for _ in range(12)])
+    blurred = np.stack([ndimage.gaussian_filter(image.astype(float), 3.0) for image in sharp]).astype(np.uint8)
+    usages = ["Training"] * 6 + ["PublicTest"] * 3 + ["PrivateTest"] * 3
+    for images in (np.concatenate([blurred[:6], sharp[6:]]),   # blurred Training, as the public 48x48 copies
+                   np.concatenate([sharp[:9], blurred[9:]])):  # a blurred test usage is as broken
+        metrics = sharpness_by_usage(images, usages)
+        assert metrics["sharpness_max_ratio"] > 10
+        message = sharpness_failure(metrics, 2.0, "data/external/fer2013.zip")
+        assert message.startswith("data/external/fer2013.zip: ") and "\n" not in message
+        for usage in ("Training", "PublicTest", "PrivateTest"):
+            assert f"{usage} {metrics[f'sharpness_median_{usage.lower()}']:.1f}" in message
+        assert "validate.max_sharpness_ratio = 2" in message and "fer2013.csv" in message
+    same = sharpness_by_usage(np.concatenate([sharp[:6], sharp[:6]]), ["Training"] * 6 + ["PublicTest"] * 6)
+    assert same["sharpness_max_ratio"] == 1.0
+    assert sharpness_failure(same, 2.0, "any") is None

@@ -197,22 +197,21 @@ def _scalar_table(values: dict) -> list[str]:
     return lines
 
 
-def run_setup_lines(setup: dict, preprocess_metrics: dict | None) -> list[str]:
-    """What EF-FER1 and EF-FER2 were in this run, and a warning when the evaluation faces were blurred."""
+def _epochs_cell(finetune_metrics: dict) -> str:
+    """Epochs trained, of those planned, with "truncated" when the time budget stopped the run."""
+    run, planned = finetune_metrics.get("epochs_run"), finetune_metrics.get("epochs_planned")
+    cell = f"{run} of {planned}" if planned is not None else f"{run}"
+    return cell + (" (truncated)" if finetune_metrics.get("truncated") else "")
+
+
+def run_setup_lines(setup: dict) -> list[str]:
+    """What EF-FER1 and EF-FER2 were in this run."""
     sources = {"imagenet": "ImageNet weights", "scratch": "trained here on the source-domain images (Imagenette)",
                "none": "nothing (random weights for both variants)"}
-    lines = [f"EF-FER1: {setup['pretrain_backbone']}, {sources.get(setup['pretrain_source'], setup['pretrain_source'])}"
-             f" (`pretrain.source: {setup['pretrain_source']}`). EF-FER2: {setup['finetune_backbone']} fine-tuned at "
-             f"{setup['image_size']}x{setup['image_size']} px; \"without EF-FER1\" is the same network from random "
-             "weights.", ""]
-    sigma = (preprocess_metrics or {}).get("eval_blur_sigma", 0.0)
-    if sigma > 0:
-        lines += [f"**The evaluation faces of this run were blurred** (Gaussian sigma {sigma:g} px, "
-                  "`preprocess.match_training_sharpness`) to the median sharpness of this data copy's Training "
-                  "faces, which are all blurred (validate's sharpness table). The test figures are measured on "
-                  "blurred PrivateTest faces: they compare the variants fairly but are not comparable to "
-                  "published FER2013 results.", ""]
-    return lines
+    return [f"EF-FER1: {setup['pretrain_backbone']}, {sources.get(setup['pretrain_source'], setup['pretrain_source'])}"
+            f" (`pretrain.source: {setup['pretrain_source']}`). EF-FER2: {setup['finetune_backbone']} fine-tuned at "
+            f"{setup['image_size']}x{setup['image_size']} px; \"without EF-FER1\" is the same network from random "
+            "weights.", ""]
 
 
 def render_report(*, protocol: str, stage_metrics: dict, references: References, protocol_runs: dict,
@@ -233,7 +232,7 @@ def render_report(*, protocol: str, stage_metrics: dict, references: References,
         *(["**This run used the paper protocol, whose test split holds augmented copies of training images: "
            "its test scores measure leakage as much as generalisation. Use it for the audit, not as a result.**",
            ""] if protocol == "paper" else []),
-        *(run_setup_lines(run_setup, stage_metrics["context"].get("preprocess")) if run_setup else []),
+        *(run_setup_lines(run_setup) if run_setup else []),
         f"![paper claim vs this run vs anchors]({chart_name})",
         "",
         "## Headline: test accuracy and F1",
@@ -273,8 +272,9 @@ def render_report(*, protocol: str, stage_metrics: dict, references: References,
         "",
         "## Ablation: with and without EF-FER1",
         "",
-        "| model | paper train | paper val | paper test | this run train | this run val | this run test (95% CI) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | paper train | paper val | paper test | this run train | this run val | this run test (95% CI) "
+        "| epochs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for variant in VARIANTS:
         paper_row = claims["ablation"][variant]
@@ -283,7 +283,12 @@ def render_report(*, protocol: str, stage_metrics: dict, references: References,
             f"{paper_row['test_accuracy']:.2f} | {_percent(finetuned[variant]['train_accuracy'])} | "
             f"{_percent(finetuned[variant]['val_accuracy'])} | {_percent(evaluated[variant]['test_accuracy'])} "
             f"({_percent(evaluated[variant]['test_accuracy_ci95_low'])} to "
-            f"{_percent(evaluated[variant]['test_accuracy_ci95_high'])}) |")
+            f"{_percent(evaluated[variant]['test_accuracy_ci95_high'])}) | {_epochs_cell(finetuned[variant])} |")
+    truncated = [VARIANT_LABELS[variant] for variant in VARIANTS if finetuned[variant].get("truncated")]
+    if truncated:
+        lines += ["", f"**Truncated by the time budget** (`finetune.max_seconds`): {', '.join(truncated)} stopped "
+                      "before its planned epochs, so its figures depend on the machine's speed and the ablation may "
+                      "compare unequal training. Raise or clear the budget to compare like with like."]
     lines += [
         "",
         f"Test-accuracy gain from EF-FER1: paper {_points(summary['paper_ablation_delta_accuracy'])} points, "

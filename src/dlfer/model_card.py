@@ -244,6 +244,11 @@ def _training(facts: dict) -> str:
              f"runtime {plain(json.dumps(provenance['runtime']) if provenance.get('runtime') else None)}.",
              f"Training data sha256 {plain(provenance.get('train_sha256'))}, validation data sha256 "
              f"{plain(provenance.get('val_sha256'))}."]
+    truncated = [variant for variant in VARIANTS if facts["finetune"][variant].get("truncated")]
+    if truncated:
+        lines += ["", f"**Truncated by the time budget** (`finetune.max_seconds`): {', '.join(truncated)} stopped "
+                      "before its planned epochs, so these figures depend on the speed of the machine that trained "
+                      "it; raise or clear the budget to reproduce them."]
     return "\n".join(lines) + "\n"
 
 
@@ -305,15 +310,8 @@ def _limitations(facts: dict) -> str:
     worst.sort(key=lambda row: float(row["f1"]))
     weakest = (f" The weakest class here is {worst[0]['emotion']} (F1 {percent(worst[0]['f1'])}, "
                f"{worst[0].get('support')} test images).") if worst else ""
-    sigma = _number(facts["preprocess"].get("eval_blur_sigma")) or 0.0
-    blurred = (f"""- **Trained and tested on blurred faces.** Every Training face of this data copy is blurred, so
-  preprocess blurred the validation and test faces too (Gaussian sigma {sigma:g} px,
-  `preprocess.match_training_sharpness`). The metrics here are on blurred faces and not comparable to
-  published FER2013 results; on sharp photos the model meets faces unlike any it learned from.
-""" if sigma > 0 else "")
     return f"""## Known limitations
 
-{blurred}
 - **Label noise.** Each FER2013 image was labelled once; human accuracy on it is about 65 +/- 5%
   (Goodfellow et al. 2013), so the test labels themselves are wrong for a sizeable share of images. The
   validate stage found {plain(validate.get('label_conflict_images'))} images in exact-duplicate groups with

@@ -9,10 +9,15 @@ fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from pathlib import Path
 
 import yaml
+
+# keras.applications' EfficientNets refuse inputs smaller than 32x32 (dlfer.model checks it again).
+MIN_IMAGE_SIZE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,12 +28,27 @@ class FetchParams:
     source_domain_size: int
     source_domain_per_class: int
 
+    def __post_init__(self):
+        if self.sha256.strip() and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256.strip()):
+            raise ParamsError(f"params.yaml: fetch.sha256 is {self.sha256!r}; give the 64 hex digits of the "
+                              "file's sha256 (sha256sum prints them), or \"\" to skip the check")
+        _require_range("fetch.source_domain_size", self.source_domain_size, minimum=1)
+        _require_range("fetch.source_domain_per_class", self.source_domain_per_class, minimum=0)
+
 
 @dataclasses.dataclass(frozen=True)
 class ValidateParams:
     blank_max_std: float
     near_duplicate_max_distance: int
     require_official_counts: bool
+    max_sharpness_ratio: float
+
+    def __post_init__(self):
+        _require_range("validate.blank_max_std", self.blank_max_std, minimum=0)
+        # A 64-bit perceptual hash: 64 differing bits is the largest distance there is.
+        _require_range("validate.near_duplicate_max_distance", self.near_duplicate_max_distance, minimum=0, maximum=64)
+        # A ratio of 1 or less would call every copy shifted: no two usages have exactly the same median.
+        _require_range("validate.max_sharpness_ratio", self.max_sharpness_ratio, minimum=1, above=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,13 +58,14 @@ class PreprocessParams:
     drop_train_duplicates_of_eval: bool
     drop_conflicting_labels: bool
     subset_per_class: int
-    match_training_sharpness: bool
     image_size: int
     channels: int
 
     def __post_init__(self):
         _require_choice("preprocess.protocol", self.protocol, ("official", "paper"))
         _require_choice("preprocess.channels", self.channels, (1, 3))
+        _require_range("preprocess.subset_per_class", self.subset_per_class, minimum=0)
+        _require_range("preprocess.image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +80,13 @@ class AugmentBalanceParams:
 
     def __post_init__(self):
         _require_choice("augment_balance.fill_mode", self.fill_mode, ("nearest", "reflect", "wrap", "constant"))
+        _require_range("augment_balance.target_per_class", self.target_per_class, minimum=0)
+        _require_range("augment_balance.max_copies_per_image", self.max_copies_per_image, minimum=0)
+        _require_range("augment_balance.rotation_degrees", self.rotation_degrees, minimum=0, maximum=180)
+        # Zoom draws scales from 1 - zoom to 1 + zoom, and a scale must stay positive.
+        _require_range("augment_balance.zoom", self.zoom, minimum=0, maximum=1, below=True)
+        _require_range("augment_balance.shift", self.shift, minimum=0, maximum=1, below=True)
+        _require_range("augment_balance.horizontal_flip", self.horizontal_flip, minimum=0, maximum=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +102,8 @@ class PretrainParams:
 
     def __post_init__(self):
         _require_choice("pretrain.source", self.source, ("scratch", "imagenet", "none"))
+        _require_range("pretrain.image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
+        _require_training_ranges("pretrain", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,12 +135,20 @@ class FinetuneParams:
         for key in ("mixed_precision", "jit_compile"):
             _require_choice(f"finetune.{key}", getattr(self, key), ("auto", "on", "off"))
         _require_choice("finetune.distribution", self.distribution, ("auto", "none", "mirrored", "multi_worker"))
+        _require_training_ranges("finetune", self)
+        _require_range("finetune.beta_1", self.beta_1, minimum=0, maximum=1, below=True)
+        _require_range("finetune.label_smoothing", self.label_smoothing, minimum=0, maximum=1, below=True)
+        _require_range("finetune.early_stopping_patience", self.early_stopping_patience, minimum=0)
+        _require_range("finetune.dropout", self.dropout, minimum=0, maximum=1, below=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateParams:
     flip_tta: bool
     bootstrap_samples: int
+
+    def __post_init__(self):
+        _require_range("evaluate.bootstrap_samples", self.bootstrap_samples, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +169,10 @@ class Params:
     evaluate: EvaluateParams
     compare: CompareParams
 
+    def __post_init__(self):
+        # NumPy's legacy seeding (inside keras.utils.set_random_seed) takes 0 <= seed < 2**32.
+        _require_range("seed", self.seed, minimum=0, maximum=2**32 - 1)
+
     def section(self, name: str) -> dict:
         """One section as a flat dict, ready for MLflow's log_params."""
         return dataclasses.asdict(getattr(self, name))
@@ -143,6 +185,30 @@ class ParamsError(ValueError):
 def _require_choice(key: str, value, choices: tuple) -> None:
     if value not in choices:
         raise ParamsError(f"params.yaml: {key} is {value!r}; choose one of {', '.join(map(repr, choices))}")
+
+
+def _require_range(key: str, value, minimum=None, maximum=None, above: bool = False, below: bool = False) -> None:
+    """ParamsError naming key, value and range unless minimum <= value <= maximum (strict where above / below)."""
+    fits_low = minimum is None or (value > minimum if above else value >= minimum)
+    fits_high = maximum is None or (value < maximum if below else value <= maximum)
+    # NaN fails every comparison, so it lands here too; .inf is no setting either (a time limit says 0 for none).
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if fits_low and fits_high and finite:
+        return
+    bounds = [] if finite else ["a finite number"]
+    if minimum is not None:
+        bounds.append(f"{'>' if above else '>='} {minimum}")
+    if maximum is not None:
+        bounds.append(f"{'<' if below else '<='} {maximum}")
+    raise ParamsError(f"params.yaml: {key} is {value!r}; it must be {' and '.join(bounds)}")
+
+
+def _require_training_ranges(section: str, params) -> None:
+    """The ranges pretrain and finetune share."""
+    _require_range(f"{section}.epochs", params.epochs, minimum=1)
+    _require_range(f"{section}.batch_size", params.batch_size, minimum=1)
+    _require_range(f"{section}.learning_rate", params.learning_rate, minimum=0, above=True)
+    _require_range(f"{section}.max_seconds", params.max_seconds, minimum=0)  # 0 = no limit
 
 
 def _check_type(key: str, value, expected) -> object:

@@ -375,9 +375,15 @@ def canonical_table(images: list[RawImage]) -> pd.DataFrame:
     return pa.table(columns, schema=CANONICAL_SCHEMA).to_pandas()
 
 
-def write_canonical_table(table: pd.DataFrame, path: str | Path) -> None:
-    """Write the table as parquet with the fixed schema, atomically."""
+# Key of the parquet schema metadata that names the copy the table was read from (validate quotes it).
+SOURCE_METADATA_KEY = b"dlfer.source"
+
+
+def write_canonical_table(table: pd.DataFrame, path: str | Path, source: str = "") -> None:
+    """Write the table as parquet with the fixed schema, atomically; `source` names the copy it came from."""
     arrow_table = pa.Table.from_pandas(table, schema=CANONICAL_SCHEMA, preserve_index=False)
+    arrow_table = arrow_table.replace_schema_metadata({**(arrow_table.schema.metadata or {}),
+                                                       SOURCE_METADATA_KEY: source.encode()})
     with atomic_path(path) as temporary:
         pq.write_table(arrow_table, temporary)
 
