@@ -24,7 +24,7 @@ import typer
 from dlfer import compare, registry
 from dlfer.files import atomic_path, write_json
 from dlfer.params import load_params
-from dlfer.tracking import EXPERIMENT_NAME, log_numeric_metrics, stage_run
+from dlfer.tracking import EXPERIMENT_NAME, configure, log_numeric_metrics, stage_run
 
 REGISTERED_VARIANT = "with_ef_fer1"  # the paper's DLFER
 
@@ -84,6 +84,7 @@ def main(
     models_dir: Path = typer.Option(Path("models/finetune"), "--models"),
 ) -> None:
     params = load_params(params_path)
+    configure()  # fail fast on an unreachable tracking store, before any work
     references = compare.load_references(references_dir)
     stage_metrics = compare.read_stage_metrics(metrics_dir)
     model_dir = models_dir / REGISTERED_VARIANT

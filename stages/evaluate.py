@@ -26,7 +26,7 @@ from dlfer.fer2013 import EMOTIONS, IMAGE_SIDE
 from dlfer.files import atomic_directory, sha256_of_file, write_json
 from dlfer.params import load_params
 from dlfer.registry import finetune_run_id
-from dlfer.tracking import log_numeric_metrics, stage_run
+from dlfer.tracking import configure, log_numeric_metrics, stage_run
 
 # Inference batch size changes speed, never results (no layer mixes images at inference time).
 PREDICT_BATCH_SIZE = 256
@@ -138,6 +138,7 @@ def main(
     if not re.fullmatch(r"[a-z0-9_]+", variant):
         raise typer.BadParameter(f"--variant {variant!r}: use lower-case letters, digits and underscores")
     params = load_params(params_path)
+    configure()  # fail fast on an unreachable tracking store, before any work
     run_id_of_finetune = finetune_run_id(model_dir)
     images, labels, ids = load_test_split(test_path)  # before the model: a bad file fails without loading Keras
     model = load_model(model_dir)

@@ -14,7 +14,8 @@ Writes:  --out                data/raw/fer2013.parquet, one row per image (CONTE
 MLflow:  run "fetch" with params fetch.* and seed, the numeric metrics, the source as tags and
          metrics/fetch.json as an artifact.
 A missing or malformed source stops with one line `fetch: <message>` on stderr and exit code 2,
-before anything is written, so earlier outputs stay as they were.
+before anything is written, so earlier outputs stay as they were. An unreachable MLflow store stops
+it the same way (exit code 1), before the source is even read.
 """
 
 from __future__ import annotations

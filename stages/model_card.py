@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from dlfer.model_card import write_model_card
-from dlfer.tracking import stage_run
+from dlfer.tracking import configure, stage_run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     arguments = parser.parse_args(argv)
     if not arguments.params.is_file():
         raise SystemExit(f"model_card: {arguments.params}: not found; run from the repository root or pass --params")
+    configure()  # fail fast on an unreachable tracking store, before any work
     text = write_model_card(arguments.params, arguments.metrics_dir, arguments.models, arguments.reports,
                             arguments.out)
     with stage_run("model_card"):

@@ -55,12 +55,12 @@ def project(tmp_path):
     return tmp_path, fer_zip, params
 
 
-def run_stage(directory: Path, params: dict | None = None) -> subprocess.CompletedProcess:
+def run_stage(directory: Path, params: dict | None = None, tracking_uri: str = "") -> subprocess.CompletedProcess:
     if params is not None:
         (directory / "params.yaml").write_text(yaml.safe_dump(params))
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("DLFER_FER2013", "DLFER_SOURCE_DOMAIN", "DVC_ROOT")}
-    environment |= {"MLFLOW_TRACKING_URI": f"sqlite:///{directory / 'mlflow.db'}",
+    environment |= {"MLFLOW_TRACKING_URI": tracking_uri or f"sqlite:///{directory / 'mlflow.db'}",
                     "KAGGLEHUB_CACHE": str(directory / "kagglehub-cache")}
     command = [sys.executable, str(REPOSITORY / "stages" / "fetch.py"), "--params", "params.yaml",
                "--out", OUTPUTS[0], "--source-domain-out", OUTPUTS[1], "--metrics", OUTPUTS[2]]
@@ -186,3 +186,24 @@ def test_stage_refuses_hostile_or_inconsistent_faces_naming_the_file(project):
         assert "Traceback" not in result.stderr and " object at 0x" not in result.stderr
         assert outputs_state(directory) == before
     assert not list(directory.parent.glob("escaped.jpg")) and not list(directory.rglob("escaped.jpg"))
+
+
+def test_a_dead_tracking_server_stops_fetch_before_it_reads_or_writes_anything(project):
+    import socket
+    import time
+
+    directory, _, params = project
+    assert run_stage(directory).returncode == 0
+    before = outputs_state(directory)
+    with socket.socket() as probe:  # a port the OS just handed out, with nothing listening on it
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    started = time.monotonic()
+    result = run_stage(directory, tracking_uri=dead)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"MLflow tracking server {dead} (MLFLOW_TRACKING_URI) is unreachable" in lines[0], \
+        result.stderr
+    assert "unset MLFLOW_TRACKING_URI" in lines[0] and "Traceback" not in result.stderr
+    assert outputs_state(directory) == before
+    assert time.monotonic() - started < 60  # generous: the check itself fails in well under a second

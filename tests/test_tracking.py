@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -109,3 +111,83 @@ def test_an_unreachable_server_stops_the_stage_before_any_work(tmp_path):
     assert "is unreachable" in result.stderr and "MLFLOW_TRACKING_URI" in result.stderr
     assert not (project / "data" / "prepared").exists()
     assert time.monotonic() - started < 60
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def stage_commands() -> dict[str, list[str]]:
+    """Each stage's command from dvc.yaml (first variant of a foreach), run from this checkout's stages/."""
+    import shlex
+
+    import yaml
+
+    stages = yaml.safe_load((REPOSITORY / "dvc.yaml").read_text())["stages"]
+    commands = {}
+    for name, stage in stages.items():
+        if "foreach" in stage:
+            variant = yaml.safe_load((REPOSITORY / "dvc.yaml").read_text())["vars"][0]["variants"][0]
+            stage = {key: yaml.safe_load(yaml.safe_dump(value).replace("${item}", variant))
+                     for key, value in stage["do"].items()}
+        command = shlex.split(stage["cmd"])
+        assert command[0] == "python" and command[1].startswith("stages/"), command
+        outs = [next(iter(out)) if isinstance(out, dict) else out for out in stage.get("outs", []) + stage.get("metrics", [])]
+        commands[name] = ([sys.executable, str(REPOSITORY / command[1]), *command[2:]], outs)
+    return commands
+
+
+STAGE_COMMANDS = stage_commands()
+
+
+def tree_state(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_COMMANDS))
+def test_every_stage_checks_the_tracking_store_before_any_work(tmp_path, stage):
+    """A dead server stops each stage in seconds, with one line, its inputs unread and its outputs untouched.
+
+    The project holds a real raw table and audit (validate and preprocess could do all their work)
+    and placeholder outputs from an earlier run; the later stages' inputs are absent, so a stage
+    that read them before checking the store would fail on them, not on the server.
+    """
+    command, outs = STAGE_COMMANDS[stage]
+    project = small_project(tmp_path)
+    shutil.rmtree(project / "stages")  # the commands run this checkout's stages
+    for out in outs:
+        target = project / out
+        if target.exists():
+            continue
+        if target.suffix:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"an earlier run's output")
+        else:
+            target.mkdir(parents=True)
+            (target / "earlier.txt").write_bytes(b"an earlier run's output")
+    before = tree_state(project)
+    dead = f"http://127.0.0.1:{free_port()}"
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": dead, "TF_CPP_MIN_LOG_LEVEL": "2", "MPLBACKEND": "Agg"}
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=project, env=environment, capture_output=True, text=True, timeout=300)
+    seconds = time.monotonic() - started
+    assert result.returncode != 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0] == (f"MLflow tracking server {dead} (MLFLOW_TRACKING_URI) is unreachable ([Errno 111] Connection "
+                        "refused); start it (mlflow server), or unset MLFLOW_TRACKING_URI to use the local sqlite store")
+    assert tree_state(project) == before
+    assert seconds < 120, seconds  # generous for 2 busy cores; the work it skips takes far longer on real data
+
+
+def test_an_unusable_store_stops_with_one_line_naming_it(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    uri = f"sqlite:///{blocker}/mlflow.db"  # under a file: no database can be created there
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    result = subprocess.run([sys.executable, "-c", "from dlfer import tracking; tracking.configure()"],
+                            cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"MLflow tracking store {uri} cannot be used ("), result.stderr
+    assert lines[0].endswith("fix or unset MLFLOW_TRACKING_URI (unset: the local sqlite store mlflow.db)")

@@ -7,12 +7,17 @@ artifacts. Runs of one pipeline execution are findable together through their ta
 Default store: `sqlite:///<repo>/mlflow.db` with artifacts under `<repo>/mlruns/`. The repo
 is the user's checkout even when DVC runs a queued experiment in a temporary copy under
 `.dvc/tmp/exps/`, so queued runs land in the same store. `MLFLOW_TRACKING_URI` overrides it.
+
+Every stage calls `configure()` first, right after reading params.yaml: an unreachable server
+or unusable store stops it within seconds with one line, before any work and before DVC's
+outputs are rewritten, rather than after minutes of work whose results could not be logged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -21,6 +26,11 @@ import yaml
 EXPERIMENT_NAME = "dlfer"
 _DVC_TEMP_MARKER = os.path.join(".dvc", "tmp", "exps")
 _CONFIGURED: set[str] = set()
+HEALTH_TIMEOUT_SECONDS = 5
+
+
+class TrackingUnavailable(SystemExit):
+    """The MLflow store cannot be used; uncaught, it ends the stage with its one-line message and exit code 1."""
 
 
 def repository_root(start: str | Path | None = None) -> Path:
@@ -82,17 +92,22 @@ def configure() -> str:
     mlflow.set_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
-    client = mlflow.MlflowClient()
-    if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
-        artifact_location = None
-        if uri.startswith("sqlite:///"):
-            artifact_location = (repository_root() / "mlruns").as_uri()
-        try:
-            client.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location)
-        except Exception:  # another stage created it first (parallel queued experiments)
-            if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
-                raise
-    mlflow.set_experiment(EXPERIMENT_NAME)
+    try:
+        client = mlflow.MlflowClient()
+        if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
+            artifact_location = None
+            if uri.startswith("sqlite:///"):
+                artifact_location = (repository_root() / "mlruns").as_uri()
+            try:
+                client.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location)
+            except Exception:  # another stage created it first (parallel queued experiments)
+                if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
+                    raise
+        mlflow.set_experiment(EXPERIMENT_NAME)
+    except Exception as error:  # MLflow and SQLAlchemy raise many kinds for a store that cannot be opened
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise TrackingUnavailable(f"MLflow tracking store {uri} cannot be used ({reason}); fix or unset "
+                                  "MLFLOW_TRACKING_URI (unset: the local sqlite store mlflow.db)") from None
     _CONFIGURED.add(uri)
     return uri
 
@@ -101,10 +116,23 @@ def _check_server(uri: str) -> None:
     import requests
 
     try:
-        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        requests.get(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_SECONDS).raise_for_status()
     except requests.RequestException as error:
-        raise SystemExit(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {error}. "
-                         "Start it, or unset MLFLOW_TRACKING_URI to use the local sqlite store.") from None
+        raise TrackingUnavailable(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable "
+                                  f"({_short_reason(error)}); start it (mlflow server), or unset "
+                                  "MLFLOW_TRACKING_URI to use the local sqlite store") from None
+
+
+def _short_reason(error) -> str:
+    """The cause of a failed request in a few words: requests wraps it in three layers of connection-pool text."""
+    import requests
+
+    if isinstance(error, requests.Timeout):
+        return f"no answer within {HEALTH_TIMEOUT_SECONDS} s"
+    if isinstance(error, requests.HTTPError) and error.response is not None:
+        return f"/health answered HTTP {error.response.status_code}"
+    found = re.search(r"\[Errno -?\d+\] [^'\")]+", str(error))
+    return found.group(0) if found else type(error).__name__
 
 
 @contextlib.contextmanager
