@@ -133,3 +133,24 @@ def test_to_grey_rejects_float_and_odd_shapes():
 def test_negative_margin_is_refused():
     with pytest.raises(ValueError, match="margin"):
         faces.crop_face(np.zeros((50, 50), dtype=np.uint8), faces.Box(0, 0, 10, 10), margin=-0.1)
+
+
+def test_reading_order_numbers_rows_top_to_bottom_and_each_row_left_to_right():
+    # A group photo: the back row's faces at slightly different heights, the front row lower down.
+    back_right, back_left, back_middle = faces.Box(300, 40, 80, 80), faces.Box(20, 50, 90, 90), faces.Box(160, 30, 70, 70)
+    front_left, front_right = faces.Box(100, 200, 100, 100), faces.Box(250, 210, 90, 90)
+    expected = [back_left, back_middle, back_right, front_left, front_right]
+    assert faces.reading_order([back_right, front_right, back_left, front_left, back_middle]) == expected
+    assert faces.reading_order(expected[::-1]) == expected
+
+
+def test_faces_of_a_composite_come_in_reading_order_every_time():
+    crops = fer2013_members("PrivateTest", ("happy", "neutral", "surprise"), 6)
+    canvas, pasted = composite(crops)
+    detector = faces.load_detector()
+    found = faces.find_faces(canvas, detector)
+    assert len(found) >= 3
+    # The pasted grid is numbered row by row, left to right: the detections keep that order.
+    grid_places = [max(range(len(pasted)), key=lambda k: overlap(face.box, pasted[k])) for face in found]
+    assert grid_places == sorted(grid_places), grid_places
+    assert [face.box for face in faces.find_faces(canvas, detector)] == [face.box for face in found]

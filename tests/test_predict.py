@@ -117,11 +117,16 @@ def test_folder_of_photos_gives_faces_where_they_are_and_reports_bad_files(photo
     assert len(by_file["astronaut.jpg"]) == 1
     astronaut = by_file["astronaut.jpg"][0]
     assert 190 <= astronaut["x"] + astronaut["width"] / 2 <= 260 and astronaut["frame"] is None
+    assert astronaut["face"] == 1 and astronaut["time"] is None
     group = by_file["group.png"]
     assert len(group) >= 3
+    places = []
     for record in group:
         box = faces.Box(record["x"], record["y"], record["width"], record["height"])
         assert max(iou(box, paste) for paste in pasted) >= 0.4
+        places.append(max(range(len(pasted)), key=lambda k: iou(box, pasted[k])))
+    # Numbered from 1 in reading order: the pasted 2x3 grid's order, row by row, left to right.
+    assert [record["face"] for record in group] == list(range(1, len(group) + 1)) and places == sorted(places)
     for record in outcome.records:
         probabilities = [record[f"probability_{emotion}"] for emotion in EMOTIONS]
         assert abs(sum(probabilities) - 1) < 1e-4
@@ -176,6 +181,7 @@ def test_video_frames_are_classified_and_an_annotated_copy_written(tmp_path, cla
                                      progress=False)
     # Frames 0, 2 and 4 are sampled; 2 is blank. (The cascade may add a false box on a compressed frame.)
     assert sorted({record["frame"] for record in outcome.records}) == [0, 4]
+    assert {record["frame"]: record["time"] for record in outcome.records} == {0: 0.0, 4: 0.4}  # 10 frames a second
     for frame in (0, 4):
         centres = [record["x"] + record["width"] / 2 for record in outcome.records if record["frame"] == frame]
         assert any(95 <= centre <= 130 for centre in centres), centres  # her face, at half the photo's scale
@@ -224,7 +230,7 @@ def test_cli_writes_jsonl_csv_and_a_table_and_exits_1_on_bad_inputs(photos, mode
 
     result = run_cli(["predict", folder / "astronaut.jpg", "--model", model_file])
     header, row = result.stdout.splitlines()
-    assert header.split()[:5] == ["file", "frame", "face", "box", "(x,y,w,h)"] and "astronaut.jpg" in row
+    assert header.split()[:6] == ["file", "frame", "time", "face", "box", "(x,y,w,h)"] and "astronaut.jpg" in row
 
 
 def test_cli_exits_2_when_nothing_can_run(tmp_path, model_file, monkeypatch):
@@ -258,3 +264,33 @@ def test_model_from_the_mlflow_registry_by_alias(tmp_path, model_file, monkeypat
     assert "candidate_model" in description
     with pytest.raises(ValueError, match="not found in the MLflow store"):
         predict.load_classifier("models:/toy-fer@nonexistent")
+
+
+def test_cli_summarises_each_video_as_emotion_shares_over_time(tmp_path, model_file):
+    from PIL import Image
+
+    skimage_data = pytest.importorskip("skimage.data")
+    portrait = skimage_data.astronaut()[::2, ::2].copy()
+    blank = np.full_like(portrait, 128)
+    # 5 frames a second: her face for 1 s, no face for 1 s, her face again for 0.6 s.
+    (tmp_path / "clips").mkdir()
+    write_video(tmp_path / "clips" / "talk.mp4", [portrait] * 5 + [blank] * 5 + [portrait] * 3, fps=5.0)
+    result = run_cli(["predict", tmp_path / "clips", "--model", model_file, "--format", "csv",
+                      "--out", tmp_path / "faces.csv", "--summary", tmp_path / "summary"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "faces.csv").open()))
+    assert [float(row["time"]) for row in rows if row["face"] == "1"][:5] == [0.0, 0.2, 0.4, 0.6, 0.8]
+
+    timeline = list(csv.DictReader((tmp_path / "summary" / "talk.csv").open()))
+    assert [(row["start"], row["end"]) for row in timeline] == [("0.0", "1.0"), ("1.0", "2.0"), ("2.0", "3.0")]
+    faces_per_second = [int(row["faces"]) for row in timeline]
+    assert faces_per_second[1] == 0 and faces_per_second[0] >= 5 and faces_per_second[2] >= 3
+    for row, count in zip(timeline, faces_per_second):
+        assert abs(sum(float(row[emotion]) for emotion in EMOTIONS) - (1 if count else 0)) < 1e-3
+    # Overall shares, on stderr, agree with the per-face rows.
+    emotions = [row["emotion"] for row in rows]
+    leading = max(EMOTIONS, key=emotions.count)
+    assert f"talk.mp4: {len(rows)} face(s)" in result.stderr
+    assert f"{leading} {emotions.count(leading) / len(emotions):.0%}" in result.stderr
+    plot = np.asarray(Image.open(tmp_path / "summary" / "talk.png").convert("RGB"))
+    assert plot.shape[:2] == (400, 1000) and (plot.min(axis=2) < 200).mean() > 0.3  # the shares were drawn

@@ -30,8 +30,13 @@ def predict(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="faces classified together"),
     frame_step: int = typer.Option(1, "--frame-step", min=1, help="classify every n-th video frame"),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
+    summary: Path = typer.Option(None, "--summary", help="folder for each video's summary: <video>.csv (the share "
+                                 "of each emotion per second) and <video>.png (its plot)"),
 ) -> None:
     """Find the faces in photos and videos and print each face's emotion and 7 probabilities.
+
+    Faces are numbered from 1 in reading order (left to right, top to bottom), as the annotated
+    copies show them; video rows carry the frame and its time in seconds.
 
     Problems with single inputs (unreadable, not an image, no face found) are reported on stderr
     and the run goes on; the exit code is 1 if any input had a problem, 2 if nothing could run.
@@ -54,6 +59,8 @@ def predict(
             inputs, classifier, detect=detect, margin=faces.DEFAULT_MARGIN if margin is None else margin,
             batch_size=batch_size, frame_step=frame_step, annotate_dir=annotate, progress=progress)
         records, problems = outcome.records, problems + outcome.problems
+        if summary is not None:
+            _summarise_videos(inputs, records, summary)
     else:
         records = []
     if out is not None:
@@ -71,6 +78,24 @@ def predict(
         raise typer.Exit(2)
     if problems:
         raise typer.Exit(1)
+
+
+def _summarise_videos(inputs, records: list[dict], folder: Path) -> None:
+    """Per video with faces: its timeline CSV and plot in folder, and its overall shares on stderr."""
+    from dlfer import predict as prediction
+
+    for item in inputs:
+        faces_of_video = [record for record in records if record["file"] == str(item.path) and record["time"] is not None]
+        if not faces_of_video:
+            continue
+        stem = folder / item.relative.with_suffix("")
+        shares = prediction.write_video_summary(faces_of_video, stem.with_suffix(".csv"), stem.with_suffix(".png"),
+                                                title=str(item.relative))
+        ranked = sorted(shares.items(), key=lambda pair: -pair[1])
+        typer.echo(f"predict: {item.relative}: {len(faces_of_video)} face(s) up to "
+                   f"{max(record['time'] for record in faces_of_video):.1f} s: "
+                   + ", ".join(f"{emotion} {share:.0%}" for emotion, share in ranked if share > 0)
+                   + f"; timeline {stem.with_suffix('.csv')}, plot {stem.with_suffix('.png')}", err=True)
 
 
 def export(

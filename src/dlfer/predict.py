@@ -31,7 +31,9 @@ from dlfer.fer2013 import EMOTIONS, IMAGE_SIDE
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 DEFAULT_MODEL = Path("models/finetune/with_ef_fer1/model.keras")
-RECORD_FIELDS = ("file", "frame", "face", "x", "y", "width", "height", "emotion",
+# One row per face. frame and time (seconds from the video's start) are empty for photos; faces
+# are numbered from 1 in reading order (dlfer.faces.reading_order), as the annotated copies show.
+RECORD_FIELDS = ("file", "frame", "time", "face", "x", "y", "width", "height", "emotion",
                  *(f"probability_{emotion}" for emotion in EMOTIONS))
 
 Classifier = Callable[[np.ndarray], np.ndarray]
@@ -302,25 +304,28 @@ def classify_crops(classifier: Classifier, crops: list[np.ndarray]) -> np.ndarra
 class _Frame:
     source: InputFile
     frame: int | None
+    time: float | None  # seconds from the start of the video
     faces: list[faces.Face]
     image: np.ndarray | None  # RGB, kept only when annotating
 
 
-def face_record(file: str, frame: int | None, face_index: int, box: faces.Box, probabilities: np.ndarray) -> dict:
-    record = {"file": file, "frame": frame, "face": face_index, "x": box.x, "y": box.y,
+def face_record(file: str, frame: int | None, time: float | None, number: int, box: faces.Box,
+                probabilities: np.ndarray) -> dict:
+    record = {"file": file, "frame": frame, "time": time, "face": number, "x": box.x, "y": box.y,
               "width": box.width, "height": box.height, "emotion": EMOTIONS[int(np.argmax(probabilities))]}
     record.update({f"probability_{emotion}": round(float(value), 6) for emotion, value in zip(EMOTIONS, probabilities)})
     return record
 
 
 def draw_faces(image: np.ndarray, boxes: list[faces.Box], probabilities: np.ndarray) -> np.ndarray:
-    """A copy of the RGB image with each box and its emotion and probability drawn on it."""
+    """A copy of the RGB image with each box, its number (from 1, the tables' face column), emotion and
+    probability drawn on it."""
     import cv2
 
     canvas = np.ascontiguousarray(image.copy())
     thickness = max(1, round(max(image.shape[:2]) / 400))
-    for box, row in zip(boxes, probabilities):
-        label = f"{EMOTIONS[int(np.argmax(row))]} {float(np.max(row)):.2f}"
+    for number, (box, row) in enumerate(zip(boxes, probabilities), start=1):
+        label = f"{number} {EMOTIONS[int(np.argmax(row))]} {float(np.max(row)):.2f}"
         cv2.rectangle(canvas, (box.x, box.y), (box.x + box.width, box.y + box.height), (0, 255, 0), thickness)
         scale = max(0.4, box.width / 160)
         (text_width, text_height), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
@@ -406,8 +411,8 @@ class _Run:
         for item in self.pending:
             rows = probabilities[start:start + len(item.faces)]
             start += len(item.faces)
-            self.outcome.records.extend(face_record(str(item.source.path), item.frame, index, face.box, row)
-                                        for index, (face, row) in enumerate(zip(item.faces, rows)))
+            self.outcome.records.extend(face_record(str(item.source.path), item.frame, item.time, number, face.box, row)
+                                        for number, (face, row) in enumerate(zip(item.faces, rows), start=1))
             if self.annotate_dir is not None:
                 drawn = draw_faces(item.image, [face.box for face in item.faces], rows)
                 if item.frame is None:
@@ -424,18 +429,20 @@ class _Run:
             self.bar.update(1)
             raise PredictInputError(f"no face found (the detector finds upright frontal faces of "
                                     f"{faces.MIN_FACE_SIDE}+ pixels); for ready-made face crops use --no-detect")
-        self.add(_Frame(item, None, found, image if self.annotate_dir is not None else None))
+        self.add(_Frame(item, None, None, found, image if self.annotate_dir is not None else None))
 
     def video(self, item: InputFile) -> None:
         self.flush()  # earlier images first, and nothing pending that belongs to another file's sink
+        fps = video_fps(item.path)
         if self.annotate_dir is not None:
-            self.sink = _VideoSink(self.annotate_dir / item.relative, video_fps(item.path) / self.frame_step)
+            self.sink = _VideoSink(self.annotate_dir / item.relative, fps / self.frame_step)
         faces_found, completed = 0, False
         try:
             for frame_index, rgb in read_video(item.path, self.frame_step):
                 found = self.faces_of(rgb)
                 faces_found += len(found)
-                self.add(_Frame(item, frame_index, found, rgb if self.sink is not None else None))
+                self.add(_Frame(item, frame_index, round(frame_index / fps, 3), found,
+                                rgb if self.sink is not None else None))
             self.flush()
             completed = True
         finally:
@@ -493,11 +500,66 @@ def write_records(records: list[dict], output_format: str, handle) -> None:
 
 
 def format_table(records: list[dict]) -> str:
-    """A fixed-width table: file, frame, face, box, emotion and the 7 probabilities."""
-    header = ["file", "frame", "face", "box (x,y,w,h)", "emotion", *EMOTIONS]
-    rows = [[record["file"], "" if record["frame"] is None else str(record["frame"]), str(record["face"]),
+    """A fixed-width table: file, frame, time, face, box, emotion and the 7 probabilities."""
+    header = ["file", "frame", "time", "face", "box (x,y,w,h)", "emotion", *EMOTIONS]
+    rows = [[record["file"], "" if record["frame"] is None else str(record["frame"]),
+             "" if record["time"] is None else f"{record['time']:.2f}", str(record["face"]),
              f"{record['x']},{record['y']},{record['width']},{record['height']}", record["emotion"],
              *(f"{record[f'probability_{emotion}']:.3f}" for emotion in EMOTIONS)] for record in records]
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- video summaries
+
+def emotion_shares(records: list[dict]) -> dict[str, float]:
+    """Each emotion's share of the faces in the records (by each face's most probable emotion)."""
+    emotions = [record["emotion"] for record in records]
+    return {emotion: emotions.count(emotion) / len(emotions) if emotions else 0.0 for emotion in EMOTIONS}
+
+
+def video_timeline(records: list[dict], bin_seconds: float = 1.0) -> list[dict]:
+    """One video's faces per time bin, from 0 s to its last face: start, end, faces, each emotion's share.
+
+    A bin without a face has faces 0 and every share 0, so a plot shows the gap.
+    """
+    if bin_seconds <= 0:
+        raise ValueError(f"bin_seconds must be > 0, got {bin_seconds}")
+    if not records:
+        return []
+    bins: dict[int, list[dict]] = {}
+    for record in records:
+        bins.setdefault(int(record["time"] // bin_seconds), []).append(record)
+    return [{"start": round(index * bin_seconds, 3), "end": round((index + 1) * bin_seconds, 3),
+             "faces": len(bins.get(index, [])), **emotion_shares(bins.get(index, []))}
+            for index in range(max(bins) + 1)]
+
+
+def write_video_summary(records: list[dict], csv_path: Path, png_path: Path, title: str,
+                        bin_seconds: float = 1.0) -> dict[str, float]:
+    """The timeline as CSV and as a stacked-area plot of the emotions' shares over time; the overall shares."""
+    import csv
+
+    from matplotlib.figure import Figure  # no pyplot: no display backend, no global state
+
+    from dlfer.files import atomic_path
+
+    timeline = video_timeline(records, bin_seconds)
+    shares = emotion_shares(records)
+    with atomic_path(csv_path) as temporary, temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["start", "end", "faces", *EMOTIONS], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(timeline)
+    figure = Figure(figsize=(10, 4))
+    axis = figure.subplots()
+    # step="post": each bin's shares hold from its start to its end.
+    starts = [row["start"] for row in timeline] + [timeline[-1]["end"]]
+    axis.stackplot(starts, [[row[emotion] for row in timeline] + [timeline[-1][emotion]] for emotion in EMOTIONS],
+                   labels=[f"{emotion} {shares[emotion]:.0%}" for emotion in EMOTIONS], step="post")
+    axis.set(xlabel="time (s)", ylabel="share of the faces", ylim=(0, 1), xlim=(0, starts[-1]), title=title)
+    axis.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), title="whole video")
+    figure.tight_layout()
+    with atomic_path(png_path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
+    return shares
