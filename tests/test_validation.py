@@ -239,6 +239,33 @@ def test_failures_name_the_bad_values():
     assert outcome.counts.values.sum() == 7  # the label-9 image is not counted in any class
 
 
+def test_failed_expectations_name_the_files_of_the_first_failing_rows():
+    # A 64x64 colour face among the FER2013 ones, as fetch refuses it; validate must still name the file.
+    rng = np.random.default_rng(9)
+    images = [blocky_face(rng) for _ in range(7)] + [np.repeat(np.kron(blocky_face(rng), np.ones((2, 2)))[:64, :64, None],
+                                                                3, axis=2)]
+    files = [f"train/{EMOTIONS[index % 7]}/Training_{index}.jpg" for index in range(8)]
+    table = canonical_table(images, ["Training"] * 5 + ["PublicTest"] * 3, [0, 1, 2, 3, 4, 5, 6, 0], files)
+    failures = validation.validate_table(table, LENIENT).critical_failures
+    for statement, value in (("height is 48", 64), ("width is 48", 64), ("channels is 1 (greyscale)", 3),
+                             ("pixels hold 48*48*1 = 2304 bytes", 64 * 64 * 3)):
+        assert f"shape: {statement}: 1 of 8 row(s) fail, e.g. {value} (train/angry/Training_7.jpg)" in failures, failures
+
+    # Many failures: the count, and the first five named.
+    table = canonical_table([blocky_face(rng) for _ in range(8)], ["Training"] * 8, [0] * 8, files)
+    table["label"] = 7
+    [label_failure] = [failure for failure in validation.validate_table(table, LENIENT).critical_failures
+                       if failure.startswith("label: label is one of")]
+    named = [file for file in files if f"7 ({file})" in label_failure]
+    assert "8 of 8 row(s) fail, e.g. 7 (" in label_failure and len(named) == 5, label_failure
+
+    # Without a source column the rows are named by image_id.
+    table = canonical_table(images, ["Training"] * 5 + ["PublicTest"] * 3, [0, 1, 2, 3, 4, 5, 6, 0], files)
+    failures = validation.validate_table(table.drop(columns=["source"]), LENIENT).critical_failures
+    image_id = table.loc[table["height"] == 64, "image_id"].item()
+    assert f"shape: height is 48: 1 of 8 row(s) fail, e.g. 64 ({image_id})" in failures, failures
+
+
 def test_count_mismatch_is_critical_only_when_required():
     table = small_table(np.random.default_rng(8))
     strict = ValidateParams(blank_max_std=2.0, near_duplicate_max_distance=2, require_official_counts=True,

@@ -33,6 +33,9 @@ TEXT_COLUMNS = ("image_id", "usage", "emotion", "sha256", "source")
 INTEGER_COLUMNS = ("label", "height", "width", "channels")
 INTEGER_DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
 FAILURE_KINDS = ("schema", "integrity", "label", "shape")
+# The column that names a failing row in the suite's messages (the first present), and how many are named.
+NAMING_COLUMNS = ("source", "image_id")
+EXAMPLES = 5
 TRAINING_BIT = 1 << USAGES.index("Training")
 EVALUATION_BITS = (1 << USAGES.index("PublicTest")) | (1 << USAGES.index("PrivateTest"))
 # phash as imagehash.phash computes it: 32x32 Lanczos thumbnail, 2-D DCT-II, top-left 8x8.
@@ -160,7 +163,11 @@ def run_expectation_suite(frame: pd.DataFrame) -> tuple[dict, dict]:
     suite = context.suites.add(gx.ExpectationSuite(name="fer2013_raw", expectations=expectations()))
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(name="validate_raw_table", data=batch_definition, suite=suite))
-    result = definition.run(batch_parameters={"dataframe": frame}, result_format="SUMMARY")
+    # Each failing row is named by the file it came from (`source`: the member path in the zip or folder,
+    # or "row <n>" of the CSV; image_id without it): GX then lists the first failures with that column.
+    named_by = [column for column in NAMING_COLUMNS if column in frame.columns][:1]
+    result_format = {"result_format": "SUMMARY", "unexpected_index_column_names": named_by} if named_by else "SUMMARY"
+    result = definition.run(batch_parameters={"dataframe": frame}, result_format=result_format)
     return result.to_json_dict(), suite.to_json_dict()
 
 
@@ -197,12 +204,31 @@ def _failure_message(config: dict, result: dict) -> str:
     if config["type"] == "expect_column_to_exist":
         return f"{statement}: the column is missing"
     if "unexpected_count" in outcome:
-        examples = ", ".join(repr(value) for value in (outcome.get("partial_unexpected_list") or [])[:5])
+        examples = ", ".join(_failed_examples(config["kwargs"].get("column"), outcome))
         return f"{statement}: {outcome['unexpected_count']} of {outcome['element_count']} row(s) fail, e.g. {examples}"
     if "observed_value" in outcome:
         return f"{statement}: observed dtype {outcome['observed_value']}"
     messages = [info.get("exception_message") for info in _exception_infos(result.get("exception_info"))]
     return f"{statement}: " + ("; ".join(message for message in messages if message) or "failed")
+
+
+def _failed_examples(column: str | None, outcome: dict) -> list[str]:
+    """The first failing values, each with the file it came from: `64 (train/happy/Training_1.jpg)`."""
+    named = outcome.get("partial_unexpected_index_list") or []
+    names = outcome.get("unexpected_index_column_names") or []
+    if not named or not names or column not in named[0]:
+        return [repr(_plain(value)) for value in (outcome.get("partial_unexpected_list") or [])[:EXAMPLES]]
+    examples = []
+    for row in named[:EXAMPLES]:
+        value = repr(_plain(row[column]))
+        examples.append(value if column == names[0] else f"{value} ({row.get(names[0])})")
+    return examples
+
+
+def _plain(value):
+    # GX hands back NumPy scalars in the index lists; np.float64(64.0) should read 64.0, and 64.0 read 64.
+    value = value.item() if isinstance(value, np.generic) else value
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _exception_infos(exception_info) -> list[dict]:
