@@ -183,6 +183,20 @@ def plots(targets: list[str] = typer.Argument(None, help="plot names or files (d
     typer.echo(f"plots: open {page.resolve().as_uri()}")
 
 
+@app.command()
+def summary(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of the run's metrics JSON files"),
+            params: Path = typer.Option(Path("params.yaml"), help="the params the run used"),
+            references: Path = typer.Option(Path("references/paper.yaml"), help="the paper's figures")) -> None:
+    """The run's headline in a few lines: both variants with 95% intervals, the ablation, the paper beside them."""
+    from dlfer.summary import SummaryError, render_summary
+
+    try:
+        typer.echo(render_summary(metrics_dir, references, params))
+    except SummaryError as error:
+        typer.echo(f"summary: {error}", err=True)
+        raise typer.Exit(1)
+
+
 def _yaml_scalar(value) -> str:
     return "true" if value is True else "false" if value is False else str(value)
 
