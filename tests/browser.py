@@ -21,7 +21,7 @@ import pytest
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"]
+         "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
 
 
 def chromium() -> str:
@@ -60,7 +60,7 @@ class Page:
 
         self.profile = tempfile.TemporaryDirectory()
         self.process = subprocess.Popen([chromium(), *FLAGS, f"--user-data-dir={self.profile.name}",
-                                         "--remote-debugging-port=0", "--window-size=1200,1600", url],
+                                         "--remote-debugging-port=0", "--window-size=1200,1600", "about:blank"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # Chromium writes the port it bound (asked for port 0) into the profile folder.
         port_file = Path(self.profile.name) / "DevToolsActivePort"
@@ -77,6 +77,8 @@ class Page:
         page = next(target for target in targets if target["type"] == "page")
         self.socket = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
         self.next_id = 0
+        self.command("Page.navigate", url=url)
+        self.wait_for(f"location.href === {json.dumps(url)} && document.readyState === 'complete'")
 
     def command(self, method: str, **params) -> dict:
         self.next_id += 1
@@ -98,16 +100,21 @@ class Page:
         """Poll a JavaScript expression until it is truthy; its value."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except RuntimeError as error:
+                if "execution context" not in str(error):  # the page is still being created
+                    raise
+                value = None
             if value:
                 return value
             time.sleep(0.2)
         raise TimeoutError(f"{expression} stayed falsy for {timeout} s")
 
     def set_file(self, selector: str, path: Path) -> None:
-        document = self.command("DOM.getDocument")
-        node = self.command("DOM.querySelector", nodeId=document["root"]["nodeId"], selector=selector)
-        self.command("DOM.setFileInputFiles", files=[str(path)], nodeId=node["nodeId"])
+        # As if the user picked the file: the input's change event fires.
+        element = self.command("Runtime.evaluate", expression=f"document.querySelector({json.dumps(selector)})")
+        self.command("DOM.setFileInputFiles", files=[str(path)], objectId=element["result"]["objectId"])
 
     def screenshot(self, path: Path) -> np.ndarray:
         import base64

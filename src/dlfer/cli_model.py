@@ -1,4 +1,4 @@
-"""User commands that use a trained model: `dlfer predict` and `dlfer export`.
+"""User commands that use a trained model: `dlfer predict`, `dlfer export` and `dlfer serve`.
 
 cli.py adds them to the dlfer app with register(app).
 """
@@ -149,7 +149,49 @@ def export(
     typer.echo(f"export: wrote {out}/ (parity report {out / 'parity.json'})", err=True)
 
 
+def serve(
+    model: str = typer.Option("", "--model", "-m", help=MODEL_HELP.split(", or an export")[0]),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on; 0.0.0.0 lets other machines in"),
+    port: int = typer.Option(5001, "--port", "-p", min=0, help="0 picks a free port"),
+) -> None:
+    """Serve the model over HTTP: MLflow's POST /invocations, and a web page at / to try photos and the webcam.
+
+    The model is loaded and warmed up before the server says it is ready.
+    """
+    import contextlib
+    import io
+
+    # MLflow advises type hints on the pyfunc's predict when the class is defined (they would change
+    # how MLflow parses requests, so it has none), under its own "once" filter that no warnings
+    # filter of ours overrides: the advice is dropped with whatever else the import writes to stderr.
+    with contextlib.redirect_stderr(io.StringIO()):
+        from dlfer import serving
+
+    try:
+        loaded = serving.load_served_model(model or None)
+    except ValueError as error:
+        typer.echo(f"serve: {error}", err=True)
+        raise typer.Exit(2)
+    serving.warm_up(loaded)
+
+    def announce(url: str) -> None:
+        photo = (f"{{ printf '{{\"dataframe_split\": {{\"columns\": [\"image\"], \"data\": [[\"'; "
+                 f"base64 -w0 photo.jpg; printf '\"]]}}}}'; }} | curl -s {url}/invocations "
+                 "-H 'Content-Type: application/json' --data-binary @-")
+        typer.echo(f"serve: model {model or 'models/finetune/with_ef_fer1'} loaded and warmed up; ready at {url}\n"
+                   f"  web page   {url}/  (upload a photo or use the webcam)\n"
+                   f"  a photo    {photo}\n"
+                   f"  face crops {{\"instances\": [<48x48 pixels 0-255>, ...]}} or a crop file as a photo with "
+                   f"columns [\"image\", \"detect\"] and detect false\n"
+                   "  answer     one row per face: input, face (1, 2, ... in reading order), x, y, width, height, "
+                   "emotion, probability_<emotion> x 7, error\n"
+                   "  Ctrl+C stops the server")
+
+    serving.run(loaded, host, port, announce)
+
+
 def register(app: typer.Typer) -> None:
-    """Add `predict` and `export` to the dlfer command."""
+    """Add `predict`, `export` and `serve` to the dlfer command."""
     app.command("predict")(predict)
     app.command("export")(export)
+    app.command("serve")(serve)

@@ -1,6 +1,9 @@
-"""The dlfer model as an MLflow pyfunc, so `mlflow models serve` answers HTTP with emotions.
+"""The dlfer model as an MLflow pyfunc, served over HTTP with emotions.
 
-`dlfer export --formats mlflow` (or save_pyfunc) writes the model folder; then
+`dlfer serve -m <model>` loads a finetune model (a path or models:/<name>@<alias>) as this pyfunc,
+warms it up and serves MLflow's own scoring app (create_app) with a web page at / added. The
+same folder also serves with MLflow alone: `dlfer export --formats mlflow` (or save_pyfunc)
+writes it, then
 
     mlflow models serve -m exports/with_ef_fer1/mlflow_model --env-manager local -h 127.0.0.1 -p 5001
 
@@ -12,10 +15,12 @@ Requests (POST /invocations, JSON):
 From Python, mlflow.pyfunc.load_model(folder).predict takes the same DataFrame with raw bytes
 (or base64 text) in "image", or a numpy array of crops.
 
-The answer has one row per face: input (row number of the request), face, x, y, width, height,
+The answer has one row per face: input (row number of the request), face (numbered from 1 in
+reading order: left to right, top to bottom, as dlfer.faces.reading_order), x, y, width, height,
 emotion, probability_<emotion> for the 7 emotions (Kaggle order), and error, which is empty
 unless the input was unusable ("no face found", "not an image ...") -- then the row's emotion
-is empty and its probabilities are NaN.
+is empty, its face -1 and its probabilities NaN. A request of the wrong shape (face arrays that
+are not 48x48) is refused whole with HTTP 400, whose message says what was expected.
 """
 
 from __future__ import annotations
@@ -57,17 +62,25 @@ def decode_image_bytes(data) -> np.ndarray:
         raise ValueError(f"not an image ({error.__class__.__name__})") from None
 
 
+CROP_SHAPES = (f"(N,{IMAGE_SIDE},{IMAGE_SIDE}), (N,{IMAGE_SIDE},{IMAGE_SIDE},1) or (N,{IMAGE_SIDE * IMAGE_SIDE}) "
+               "pixels 0-255")
+REQUEST_FORMATS = ('photos as {"dataframe_split": {"columns": ["image"], "data": [["<base64 of a JPEG or PNG '
+                   'file>"]]}}, face crops as {"instances": [<48x48 nested list of pixels 0-255>, ...]}')
+
+
 def crops_from_array(array: np.ndarray) -> np.ndarray:
     """(N, 48, 48) float32 crops from (N,48,48), (N,48,48,1) or (N,2304) pixel arrays."""
-    array = np.asarray(array, dtype=np.float32)
+    try:
+        array = np.asarray(array, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise ValueError(f"face arrays must be {CROP_SHAPES}, got something that is not one array of numbers; "
+                         f"send {REQUEST_FORMATS}") from None
     if array.ndim == 2 and array.shape[1] == IMAGE_SIDE * IMAGE_SIDE:
         array = array.reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim != 3 or array.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
-        raise ValueError(f"face arrays must be (N,{IMAGE_SIDE},{IMAGE_SIDE}), (N,{IMAGE_SIDE},{IMAGE_SIDE},1) or "
-                         f"(N,{IMAGE_SIDE * IMAGE_SIDE}) pixels 0-255, got {array.shape}; send photos as bytes in "
-                         "an 'image' column instead")
+        raise ValueError(f"face arrays must be {CROP_SHAPES}, got {array.shape}; send {REQUEST_FORMATS}")
     return array
 
 
@@ -88,6 +101,16 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         return self.classify(crops.astype(np.float32)[..., np.newaxis])
 
     def predict(self, context, model_input, params=None):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._predict(model_input)
+        except (ValueError, TypeError) as error:
+            # MLflow's scoring server answers an MlflowException with its own status (400 here) and
+            # message; any other exception becomes a generic error with ours hidden in a stack trace.
+            raise MlflowException.invalid_parameter_value(str(error)) from None
+
+    def _predict(self, model_input):
         if isinstance(model_input, pd.DataFrame) and "image" in model_input.columns:
             return self._predict_photos(model_input)
         if isinstance(model_input, pd.DataFrame):
@@ -95,7 +118,7 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         if isinstance(model_input, dict) and len(model_input) == 1:  # {"inputs": ...} arrives as a dict
             model_input = next(iter(model_input.values()))
         crops = crops_from_array(model_input)
-        rows = [_row(index, 0, faces.Box(0, 0, IMAGE_SIDE, IMAGE_SIDE), probabilities)
+        rows = [_row(index, 1, faces.Box(0, 0, IMAGE_SIDE, IMAGE_SIDE), probabilities)
                 for index, probabilities in enumerate(self._classify(crops))]
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
 
@@ -114,7 +137,7 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
                 image_faces = [faces.whole_image_face(grey)]
             if not image_faces:
                 failed.append((index, "no face found"))
-            found.extend((index, number, face) for number, face in enumerate(image_faces))
+            found.extend((index, number, face) for number, face in enumerate(image_faces, start=1))
         probabilities = self._classify(np.stack([face.crop for _, _, face in found]) if found else np.zeros((0,)))
         rows = [_row(index, number, face.box, row) for (index, number, face), row in zip(found, probabilities)]
         rows += [{"input": index, "face": -1, "x": -1, "y": -1, "width": -1, "height": -1, "emotion": "",
@@ -160,3 +183,118 @@ def save_pyfunc(model, folder: Path) -> None:
         mlflow.pyfunc.save_model(
             path=str(folder), python_model=EmotionModel(), artifacts={KERAS_ARTIFACT: str(keras_file)},
             code_paths=[str(Path(dlfer.__file__).parent)], pip_requirements=pip_requirements())
+
+
+# ---------------------------------------------------------------- dlfer serve
+
+def load_served_model(source: str | Path | None):
+    """The pyfunc (a PyFuncModel) of a finetune model: a .keras file, a folder holding one, an MLflow
+    model folder, or models:/<name>@<alias> / runs:/<id>/<path> from the MLflow store."""
+    from dlfer.predict import keras_model_from, resolve_model_source
+
+    import logging
+    import os
+    import warnings
+
+    # Nothing alarming for the user to read: MLflow's progress bar, its warning about pickling the
+    # PythonModel (ours, written just now) and its advice to add type hints.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    path = resolve_model_source(source)
+    keras_files = [path] if path.is_file() else sorted(path.rglob("*.keras"))
+    model = keras_files[0] if len(keras_files) == 1 else keras_model_from(path)
+    mlflow_logger = logging.getLogger("mlflow")
+    level = mlflow_logger.level
+    mlflow_logger.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            save_pyfunc(model, Path(scratch) / "mlflow_model")
+            return mlflow.pyfunc.load_model(str(Path(scratch) / "mlflow_model"))
+    finally:
+        mlflow_logger.setLevel(level)
+
+
+def warm_up(model) -> None:
+    """One request through the whole path (decode, crop, classify), so the first user waits no longer
+    than the next: TensorFlow traces the classifier on its first call."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((IMAGE_SIDE, IMAGE_SIDE), 128, dtype=np.uint8)).save(buffer, format="PNG")
+    model.predict(pd.DataFrame({"image": [buffer.getvalue()], "detect": [False]}))
+
+
+def annotate(model, image_base64: str, detect: bool = True) -> dict:
+    """What the web page shows for one photo: each face's row and the photo with the faces drawn.
+
+    Returns {"faces": rows as /invocations gives them, "problem": why no face came back or "",
+    "annotated": base64 PNG}; raises ValueError for data that is not an image.
+    """
+    from PIL import Image, ImageOps
+
+    from dlfer.predict import draw_faces
+
+    data = base64.b64decode(image_base64, validate=True) if isinstance(image_base64, str) else b""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"not an image ({error.__class__.__name__})") from None
+    rows = model.predict(pd.DataFrame({"image": [data], "detect": [detect]}))
+    found = rows[rows["error"] == ""]
+    boxes = [faces.Box(int(row.x), int(row.y), int(row.width), int(row.height)) for row in found.itertuples()]
+    drawn = draw_faces(rgb, boxes, found[PROBABILITY_COLUMNS].to_numpy())
+    buffer = io.BytesIO()
+    Image.fromarray(drawn).save(buffer, format="PNG")
+    return {"faces": found.to_dict("records"), "problem": "; ".join(rows.loc[rows["error"] != "", "error"]),
+            "annotated": base64.b64encode(buffer.getvalue()).decode()}
+
+
+def create_app(model):
+    """MLflow's scoring app for the pyfunc (/invocations, /ping, /health, /version, exactly as
+    `mlflow models serve`), plus the web page at / and the /annotate call it makes."""
+    import asyncio
+
+    from mlflow.pyfunc import scoring_server
+    from starlette.responses import HTMLResponse, JSONResponse
+
+    from dlfer.serving_page import PAGE
+
+    async def page(request):
+        return HTMLResponse(PAGE)
+
+    async def annotated(request):
+        try:
+            body = await request.json()
+            if not isinstance(body, dict) or not isinstance(body.get("image"), str):
+                raise ValueError('send JSON {"image": "<base64 of a JPEG or PNG file>", "detect": true}')
+            answer = await asyncio.to_thread(annotate, model, body["image"], _truthy(body.get("detect", True)))
+        except ValueError as error:  # bad JSON and bad base64 are ValueErrors too
+            return JSONResponse({"message": str(error)}, status_code=400)
+        return JSONResponse(answer)
+
+    app = scoring_server.init(model)
+    # Starlette routes: the handlers take the request itself, with no FastAPI parameter parsing.
+    app.add_route("/", page, methods=["GET"])
+    app.add_route("/annotate", annotated, methods=["POST"])
+    return app
+
+
+def run(model, host: str, port: int, announce) -> None:
+    """Serve create_app(model) until interrupted; announce(url) once the port is bound (port 0: any free one)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(model), host=host, port=port, log_level="warning"))
+
+    def announce_when_listening():
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            bound_port = server.servers[0].sockets[0].getsockname()[1]
+            announce(f"http://{host}:{bound_port}")
+
+    threading.Thread(target=announce_when_listening, daemon=True).start()
+    server.run()
