@@ -5,15 +5,17 @@ Reads   --train, --val       data/balanced/{train,val}.npz: images (N,48,48) uin
         --audit              data/validated/audit.parquet: must exist (training waits for validation)
         --pretrained         models/pretrain/ (pretrain): backbone.weights.h5 and provenance.json
 Writes  --out                models/finetune/<variant>/: model.keras (the whole EF-FER2, preprocessing inside:
-                             (N,48,48,1) pixels 0-255 -> (N,7) probabilities), provenance.json, mlflow_run.json
+                             (N,48,48,1) pixels 0-255 -> (N,7) probabilities), provenance.json (with the
+                             training's seconds, speed and resumed_at_epoch), mlflow_run.json
         --checkpoints        checkpoints/finetune/<variant>/: resumable training state (DVC persist: a killed
-                             run resumes from its last finished epoch; a params or data change starts fresh)
-        --metrics            metrics/finetune_<variant>.json
+                             run resumes from its last finished epoch, continues its MLflow run and ends with
+                             the metrics of a run never killed; a params or data change starts fresh)
+        --metrics            metrics/finetune_<variant>.json: only figures a rerun reproduces (no timings)
         --plots              plots/finetune_<variant>.csv: per-epoch train/val accuracy and loss (paper Fig. 5)
 Params  seed, preprocess.* (image_size, channels; protocol as MLflow tag), augment_balance.* (provenance only),
         pretrain.* (source, backbone), finetune.*
-MLflow  run finetune_<variant>, tags stage=finetune, variant, protocol; params, per-epoch and final metrics,
-        the model (name "model"), provenance.json and the plots CSV
+MLflow  run finetune_<variant>, tags stage=finetune, variant, protocol, resumed_at_epoch; params, per-epoch
+        and final metrics (timings among them), the model (name "model"), provenance.json and the plots CSV
 
 --variant with_ef_fer1     the backbone starts from EF-FER1 (random, with a warning, when pretrain.source is none)
 --variant without_ef_fer1  the backbone starts from random weights, whatever pretrain did
@@ -167,41 +169,49 @@ def main(argv: list[str] | None = None) -> None:
         return models.build_classifier(finetune.backbone, preprocess.image_size, preprocess.channels,
                                        finetune.dropout, pretrained_backbone=source)
 
+    # A killed run left its MLflow run RUNNING and its id beside its training state: continue that run.
     run_context = (tracking.stage_run("finetune", logged_params, run_name=f"finetune_{arguments.variant}",
                                       tags={"variant": arguments.variant, "protocol": preprocess.protocol,
-                                            "initialisation": initialisation["initialisation"]})
+                                            "initialisation": initialisation["initialisation"]},
+                                      resume_run_id=train.recorded_run_id(checkpoint_dir, tracking.tracking_uri()))
                    if train.is_chief() else contextlib.nullcontext())
     with run_context as run:
+        if run is not None:
+            train.record_run(checkpoint_dir, run.info.run_id, tracking.tracking_uri())
         result = train.fit_classifier(build, train_split, val_split, settings, checkpoint_dir, len(EMOTIONS),
                                       runtime=runtime, log_to_mlflow=run is not None)
         if run is None:
             return  # a non-chief worker of multi-worker training: the chief writes every output
+        # Only what a rerun reproduces, killed and resumed or not, so that DVC sees no change without one.
         metrics = {"train_accuracy": result.best["accuracy"], "val_loss": result.best["val_loss"],
                    **evaluate_best(result.model, *val_split), "best_epoch": result.best_epoch,
                    "epochs_run": result.epochs_run, "epochs_planned": finetune.epochs,
                    # The time budget is a safety net: a run it stopped depends on the machine's speed.
                    "truncated": result.stopped_by == "max_seconds",
-                   "resumed_at_epoch": result.resumed_at_epoch, "training_seconds": round(result.seconds, 2),
-                   "train_images_per_second": round(result.train_images_per_second, 2),
                    "train_images": len(train_split[0]), "val_images": len(val_split[0])}
+        # How this run went, which differs between runs: provenance and MLflow only.
+        training = {"seconds": round(result.seconds, 2), "images_per_second": round(result.train_images_per_second, 2),
+                    "resumed_at_epoch": result.resumed_at_epoch}
         provenance = {"variant": arguments.variant, **initialisation, "params": logged_params, **data_hashes,
                       "git_commit": tracking.git_commit(), "best_epoch": result.best_epoch,
-                      "stopped_by": result.stopped_by, "runtime": result.runtime}
+                      "stopped_by": result.stopped_by, "runtime": result.runtime, "training": training}
         run_record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                       "tracking_uri": tracking.tracking_uri()}
         # MLflow first: if logging fails, no output claims a run that lacks its model.
         log_model(result.model, val_split[0][:2])
-        metrics["seconds"] = round(time.perf_counter() - started, 2)
-        tracking.log_numeric_metrics(metrics)
+        tracking.log_numeric_metrics({**metrics, "training_seconds": training["seconds"],
+                                      "train_images_per_second": training["images_per_second"],
+                                      "seconds": round(time.perf_counter() - started, 2)})
+
+        import mlflow
+
+        mlflow.set_tag("resumed_at_epoch", result.resumed_at_epoch)
         with atomic_directory(arguments.out) as temporary:
             result.model.save(temporary / "model.keras")
             write_json(temporary / "provenance.json", provenance)
             write_json(temporary / "mlflow_run.json", run_record)
         write_plots(arguments.plots, result.history)
         write_json(arguments.metrics, metrics)
-
-        import mlflow
-
         mlflow.log_artifact(str(arguments.out / "provenance.json"))
         mlflow.log_artifact(str(arguments.plots))
     print(f"finetune {arguments.variant}: {metrics}")

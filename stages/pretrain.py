@@ -4,10 +4,11 @@ Reads   --source-domain  data/raw/source_domain.npz (fetch): train_images (N,S,S
                          val_images, val_labels, class_names; used by source=scratch only
         --audit          data/validated/audit.parquet (validate): must exist; pretraining waits for validation
 Writes  --out            models/pretrain/: backbone.weights.h5 (absent for source=none), provenance.json
-                         (source, backbone, params, input sha256, git commit; weights sha256 for imagenet),
+                         (source, backbone, params, input sha256, git commit; weights sha256 for imagenet;
+                         for scratch the training's seconds, speed and resumed_at_epoch),
                          mlflow_run.json ({run_id, experiment_id, tracking_uri})
         --checkpoints    checkpoints/pretrain/: resumable training state (source=scratch; DVC persist)
-        --metrics        metrics/pretrain.json
+        --metrics        metrics/pretrain.json: only figures a rerun reproduces (timings go to MLflow)
 Params  seed, pretrain.* (source, weights_file, backbone, image_size, epochs, batch_size, learning_rate,
         max_seconds)
 MLflow  run "pretrain", tag source; per-epoch metrics for scratch; provenance.json as an artifact
@@ -125,19 +126,23 @@ def main(argv: list[str] | None = None) -> None:
                 metrics.update(source_val_accuracy=result.best["val_accuracy"],
                                source_train_accuracy=result.best["accuracy"],
                                source_val_loss=result.best["val_loss"], best_epoch=result.best_epoch,
-                               epochs_run=result.epochs_run, truncated=result.stopped_by == "max_seconds",
-                               training_seconds=round(result.seconds, 2),
-                               train_images_per_second=result.train_images_per_second,
+                               epochs_run=result.epochs_run, epochs_planned=pretrain.epochs,
+                               truncated=result.stopped_by == "max_seconds",
                                source_classes=len(domain["class_names"]))
+                # How this run went, which differs between runs: provenance and MLflow, not the metrics file.
                 provenance.update(best_epoch=result.best_epoch, stopped_by=result.stopped_by, runtime=result.runtime,
-                                  class_names=domain["class_names"].tolist())
+                                  class_names=domain["class_names"].tolist(),
+                                  training={"seconds": round(result.seconds, 2),
+                                            "images_per_second": round(result.train_images_per_second, 2),
+                                            "resumed_at_epoch": result.resumed_at_epoch})
             elif pretrain.source == "imagenet":
                 weights = pretrain.weights_file or "imagenet"
                 backbone = models.build_backbone(pretrain.backbone, pretrain.image_size)
                 provenance["weights"] = models.load_backbone_weights(backbone, pretrain.backbone, weights)
         except (OSError, ValueError) as error:
             sys.exit(f"pretrain: {error}")
-        metrics["seconds"] = round(time.perf_counter() - started, 2)
+        if backbone is not None:
+            metrics["backbone_parameters"] = backbone.count_params()
         run_record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                       "tracking_uri": tracking.tracking_uri()}
         with atomic_directory(arguments.out) as temporary:
@@ -147,9 +152,14 @@ def main(argv: list[str] | None = None) -> None:
             write_json(temporary / "provenance.json", provenance)
             write_json(temporary / "mlflow_run.json", run_record)
         write_json(arguments.metrics, metrics)
-        tracking.log_numeric_metrics(metrics)
         import mlflow
 
+        logged = {**metrics, "seconds": round(time.perf_counter() - started, 2)}
+        if "training" in provenance:
+            logged.update(training_seconds=provenance["training"]["seconds"],
+                          train_images_per_second=provenance["training"]["images_per_second"])
+            mlflow.set_tag("resumed_at_epoch", provenance["training"]["resumed_at_epoch"])
+        tracking.log_numeric_metrics(logged)
         mlflow.log_artifact(str(arguments.out / "provenance.json"))
     print(f"pretrain: {metrics}")
 

@@ -27,6 +27,7 @@ def toy_classifier() -> keras.Model:
     x = keras.layers.Conv2D(8, 3, strides=3, activation="relu")(x)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.2)(x)  # random state that a resumed fit must restore
     return keras.Model(pixels, keras.layers.Dense(CLASSES, activation="softmax")(x))
 
 
@@ -60,6 +61,23 @@ def test_dataset_casts_batches_one_hot_and_shuffles_by_seed():
     assert not np.array_equal(first_labels.numpy().argmax(axis=1), labels[:32])
 
 
+def test_each_epoch_has_its_own_order_whatever_epoch_the_dataset_starts_at():
+    images, labels = np.arange(10, dtype=np.uint8).reshape(10, 1, 1).repeat(48, 1).repeat(48, 2), np.arange(10)
+
+    def epochs_seen(epochs):
+        batches = [batch_labels.numpy().argmax(axis=1)
+                   for _, batch_labels in train.make_dataset(images, labels, 4, 10, shuffle_seed=3, epochs=epochs)]
+        assert [len(batch) for batch in batches] == [4, 4, 2] * len(epochs)  # each epoch has its own last batch
+        return np.concatenate(batches).reshape(len(epochs), 10)
+
+    three = epochs_seen(range(3))
+    assert all(sorted(epoch) == list(range(10)) for epoch in three)
+    assert len({tuple(epoch) for epoch in three}) == 3
+    # A fit resumed at epoch 2 sees epoch 2 as a run that never stopped sees it.
+    np.testing.assert_array_equal(epochs_seen(range(2, 3))[0], three[2])
+    np.testing.assert_array_equal(three[1], train.epoch_order(3, 1, 10))
+
+
 def test_balanced_class_weights_equalise_the_classes():
     weights = train.balanced_class_weights(np.array([0, 0, 0, 1]), 3)
     assert weights == {0: 4 / 9, 1: 4 / 3, 2: 0.0}
@@ -91,6 +109,16 @@ class _EpochsSeen(keras.callbacks.Callback):
         self.optimizer_steps.append(int(self.model.optimizer.iterations))
 
 
+class _CrashAfterEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise RuntimeError(f"killed after epoch {self.epoch}")
+
+
 def test_an_interrupted_fit_resumes_at_its_next_epoch(tmp_path):
     checkpoint = tmp_path / "checkpoint"
     with pytest.raises(RuntimeError, match="killed"):
@@ -105,6 +133,54 @@ def test_an_interrupted_fit_resumes_at_its_next_epoch(tmp_path):
     assert resumed.history[0] == first_epoch
     assert seen.optimizer_steps[0] == -(-len(TRAIN[0]) // 16)  # Adam's state came back with the weights
     assert list(checkpoint.iterdir()) == []  # a finished run leaves nothing to resume
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_a_resumed_fit_ends_exactly_where_an_uninterrupted_one_ends(tmp_path, schedule):
+    """Data order, dropout's random state, the optimizer, the schedule: all continue as if never stopped (issue 12)."""
+    run = settings(epochs=4, lr_schedule=schedule, learning_rate=0.05)
+    uninterrupted = train.fit_classifier(toy_classifier, TRAIN, VAL, run, tmp_path / "a", CLASSES, verbose=0)
+    if schedule == "plateau":
+        # The plateau's counters must survive the restart for this rate to fall where it does.
+        rates = [row["learning_rate"] for row in uninterrupted.history]
+        assert rates == pytest.approx([0.05, 0.05, 0.05, 0.025])
+    checkpoint = tmp_path / "b"
+    with pytest.raises(RuntimeError, match="killed"):
+        train.fit_classifier(toy_classifier, TRAIN, VAL, run, checkpoint, CLASSES, verbose=0,
+                             callbacks=(_CrashAfterEpoch(2),))
+    # What a kill during epoch 3, after its weights were saved and before its commit, would leave.
+    (checkpoint / "epoch3.weights.h5").write_bytes(b"half-written")
+    (checkpoint / ".progress.json.x.partial").write_text("{")
+    resumed = train.fit_classifier(toy_classifier, TRAIN, VAL, run, checkpoint, CLASSES, verbose=0)
+    assert resumed.resumed_at_epoch == 2
+    assert scores(resumed.history) == scores(uninterrupted.history)
+    assert resumed.best_epoch == uninterrupted.best_epoch
+    for got, want in zip(resumed.model.get_weights(), uninterrupted.model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_run_that_had_stopped_early_is_not_trained_further(tmp_path):
+    run = settings(epochs=5, learning_rate=0.0, early_stopping_patience=1)
+    checkpoint = tmp_path / "checkpoint"
+    with pytest.raises(RuntimeError, match="killed"):
+        train.fit_classifier(toy_classifier, TRAIN, VAL, run, checkpoint, CLASSES, verbose=0,
+                             callbacks=(_CrashAfterEpoch(2),))
+    seen = _EpochsSeen()
+    resumed = train.fit_classifier(toy_classifier, TRAIN, VAL, run, checkpoint, CLASSES, verbose=0, callbacks=(seen,))
+    assert seen.epochs == [] and resumed.epochs_run == 2 and resumed.stopped_by == "early_stopping"
+    assert resumed.best_epoch == 1 and list(checkpoint.iterdir()) == []
+
+
+def test_a_checkpoint_folder_of_an_older_layout_starts_afresh(tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    (checkpoint / "backup").mkdir(parents=True)
+    (checkpoint / "backup" / "training_metadata.json").write_text('{"epoch": 1, "batch": 0}')
+    (checkpoint / "progress.json").write_text(json.dumps({"history": [{"epoch": 1, "val_accuracy": 0.9}],
+                                                         "best_epoch": 1, "seconds": 5.0}))
+    seen = _EpochsSeen()
+    result = train.fit_classifier(toy_classifier, TRAIN, VAL, settings(epochs=2), checkpoint, CLASSES, verbose=0,
+                                  callbacks=(seen,))
+    assert seen.epochs == [1, 2] and result.resumed_at_epoch == 0 and result.epochs_run == 2
 
 
 class _ZeroWeightsAtEpoch3(keras.callbacks.Callback):

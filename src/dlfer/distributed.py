@@ -3,7 +3,7 @@
 Keras 3's model.fit fails under MultiWorkerMirroredStrategy ("Attempt to convert a value
 (PerReplica...)": keras-team/keras#20585). This module trains the same model the same way without
 it: the optimizer and loss of train.compile_model, train._Progress for per-epoch records, best
-weights, early stopping, the time budget and MLflow, and ReduceLROnPlateau for lr_schedule=plateau,
+weights, early stopping, the time budget, MLflow and ReduceLROnPlateau for lr_schedule=plateau,
 all driven by hand around a tf.function train step run with strategy.run.
 
 Every worker runs this loop on the same arrays. Collective operations block until all workers
@@ -51,25 +51,22 @@ def fit_multi_worker(build_model: Callable[[], keras.Model], train_split: tuple[
     class_weights = (train.balanced_class_weights(labels, num_classes) if settings.class_weights == "balanced"
                      else None)
     step = _StepFunctions(model, settings, strategy, class_weights)
-    train_batches = _distribute(strategy, train.make_dataset(images, labels, settings.batch_size, num_classes,
-                                                             shuffle_seed=settings.seed, drop_remainder=True))
+    # All epochs in one dataset, each in its own order (train.epoch_order), read through one iterator.
+    train_batches = iter(_distribute(strategy, train.make_dataset(
+        images, labels, settings.batch_size, num_classes, shuffle_seed=settings.seed, drop_remainder=True,
+        epochs=range(settings.epochs))))
     val_batches = _distribute(strategy, train.make_dataset(*val_split, settings.batch_size, num_classes))
 
-    progress = train._Progress(checkpoint_dir, settings, len(images), log_to_mlflow and train.is_chief())
-    callbacks = [progress]
-    if settings.lr_schedule == "plateau":
-        # mode spelled out: "auto" looks for the metric among those fit would have built.
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(
-            monitor=settings.monitor, mode="min" if settings.monitor == "val_loss" else "max",
-            factor=train.PLATEAU_FACTOR, patience=train.PLATEAU_PATIENCE, verbose=0))
-    callbacks = keras.callbacks.CallbackList(callbacks, model=model)
+    progress = train._Progress(checkpoint_dir, settings, len(images), log_to_mlflow and train.is_chief(), {},
+                               plateau=train.plateau_callback(settings))
+    callbacks = keras.callbacks.CallbackList([progress], model=model)
     model.stop_training = False
     callbacks.on_train_begin()
     for epoch in range(settings.epochs):
         callbacks.on_epoch_begin(epoch)
         loss_sum = correct = seen = 0.0
-        for batch_index, batch in enumerate(train_batches):
-            batch_loss, batch_correct = step.train_batch(batch)
+        for batch_index in range(steps_per_epoch):
+            batch_loss, batch_correct = step.train_batch(next(train_batches))
             loss_sum += float(batch_loss)
             correct += float(batch_correct)
             seen += 1

@@ -240,7 +240,8 @@ def _training(facts: dict) -> str:
              f"{percent(facts['pretrain'].get('source_val_accuracy'))}.", "",
              f"Run: best epoch {plain(metrics.get('best_epoch'))} of {plain(metrics.get('epochs_run'))} "
              f"(stopped by {plain(provenance.get('stopped_by'))}), "
-             f"{plain(metrics.get('training_seconds'))} s of training on {plain(metrics.get('train_images'))} images; "
+             f"{plain((provenance.get('training') or {}).get('seconds'))} s of training on "
+             f"{plain(metrics.get('train_images'))} images; "
              f"runtime {plain(json.dumps(provenance['runtime']) if provenance.get('runtime') else None)}.",
              f"Training data sha256 {plain(provenance.get('train_sha256'))}, validation data sha256 "
              f"{plain(provenance.get('val_sha256'))}."]

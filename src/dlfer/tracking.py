@@ -136,15 +136,35 @@ def _short_reason(error) -> str:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: dict | None = None, run_name: str | None = None, tags: dict | None = None):
-    """Open the MLflow run of one stage, tagged so a whole pipeline execution can be found together."""
+def stage_run(stage: str, params: dict | None = None, run_name: str | None = None, tags: dict | None = None,
+              resume_run_id: str | None = None):
+    """Open the MLflow run of one stage, tagged so a whole pipeline execution can be found together.
+
+    resume_run_id: the run a killed attempt of this stage left RUNNING; it is continued (and ends
+    FINISHED) when this store still holds it in the experiment, else a new run starts.
+    """
     import mlflow
 
     configure()
-    with mlflow.start_run(run_name=run_name or stage, tags={**run_tags(stage), **(tags or {})}) as run:
+    run_id = resume_run_id if resume_run_id and _continuable(resume_run_id) else None
+    with mlflow.start_run(run_id=run_id, run_name=run_name or stage,
+                          tags={**run_tags(stage), **(tags or {})}) as run:
         if params:
-            mlflow.log_params(_flatten(params))
+            mlflow.log_params(_flatten(params))  # a continued run gets the same values again, which MLflow allows
         yield run
+
+
+def _continuable(run_id: str) -> bool:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+    return (experiment is not None and run.info.experiment_id == experiment.experiment_id
+            and run.info.lifecycle_stage == "active")
 
 
 def log_numeric_metrics(metrics: dict, step: int | None = None) -> None:

@@ -3,7 +3,8 @@
 fit_classifier builds the model inside the right distribution strategy and precision policy,
 feeds it numpy arrays through tf.data, and adds what a pipeline stage needs: best-epoch
 selection on the validation split, early stopping, a wall-clock budget, resumption after a
-crash, per-epoch records for MLflow and DVC plots, and determinism on CPU. Under
+crash that ends where an uninterrupted run ends, per-epoch records for MLflow and DVC plots,
+and determinism on CPU. Under
 MultiWorkerMirroredStrategy, where model.fit fails, dlfer.distributed trains with a custom loop.
 """
 
@@ -28,7 +29,12 @@ from dlfer.files import write_json
 # ReduceLROnPlateau for lr_schedule=plateau: halve the rate after 2 epochs without improvement.
 PLATEAU_FACTOR = 0.5
 PLATEAU_PATIENCE = 2
-HISTORY_COLUMNS = ("epoch", "accuracy", "val_accuracy", "loss", "val_loss", "learning_rate", "images", "seconds")
+# The columns of the plots CSV. History rows also hold each epoch's seconds, which go to MLflow
+# only: a file DVC tracks should come out the same on every run, killed and resumed or not.
+HISTORY_COLUMNS = ("epoch", "accuracy", "val_accuracy", "loss", "val_loss", "learning_rate", "images")
+# The checkpoint folder: the state of the last finished epoch, and the MLflow run a killed stage leaves.
+PROGRESS_FILE = "progress.json"
+RUN_RECORD = "mlflow_run.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +69,7 @@ class TrainingSettings:
 @dataclasses.dataclass
 class FitResult:
     model: keras.Model              # with the best epoch's weights
-    history: list[dict]             # one row per epoch, HISTORY_COLUMNS
+    history: list[dict]             # one row per epoch, HISTORY_COLUMNS and seconds
     best_epoch: int                 # 1-based
     stopped_by: str                 # epochs | early_stopping | max_seconds
     resumed_at_epoch: int           # 0 for a fresh run, else the number of epochs restored from a backup
@@ -95,26 +101,62 @@ def keyed_checkpoint_dir(root: str | Path, key: dict) -> Path:
     return root / digest
 
 
+def recorded_run_id(checkpoint_dir: str | Path, tracking_uri: str) -> str | None:
+    """The MLflow run a killed attempt at this experiment left in checkpoint_dir, to continue it; else None."""
+    try:
+        record = json.loads((Path(checkpoint_dir) / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("run_id") if record.get("tracking_uri") == tracking_uri else None
+
+
+def record_run(checkpoint_dir: str | Path, run_id: str, tracking_uri: str) -> None:
+    """Remember the stage's MLflow run until training completes, so that a killed stage's rerun continues it."""
+    write_json(Path(checkpoint_dir) / RUN_RECORD, {"run_id": run_id, "tracking_uri": tracking_uri})
+
+
+def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
+    """The order of the training images in epoch `epoch` (0-based): a function of (seed, epoch) alone.
+
+    tf.data's reshuffle_each_iteration orders an epoch by how many epochs its iterator has run in
+    this process, so a run resumed at epoch 2 replayed epoch 1's order and ended elsewhere than a
+    run never stopped (issue 12). Keyed by the epoch, a resumed run sees the batches the other saw.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
 def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, num_classes: int,
-                 shuffle_seed: int | None = None, drop_remainder: bool = False) -> tf.data.Dataset:
+                 shuffle_seed: int | None = None, drop_remainder: bool = False,
+                 epochs: range = range(1)) -> tf.data.Dataset:
     """Batches of (float32 pixels 0-255 with a channel axis, one-hot float32 labels) from uint8 arrays.
 
     The arrays stay uint8 in memory; conversion happens per batch in parallel. shuffle_seed None
-    keeps the order (validation); a seed reshuffles every epoch, in the same order on every run.
-    drop_remainder leaves out the last partial batch (multi-worker training needs full batches).
+    gives one pass in order (validation). With a seed, the dataset holds the batches of each epoch
+    in `epochs` (0-based) one after the other, epoch e in epoch_order(seed, e): a fit resumed at
+    epoch e starts its dataset there and takes steps_per_epoch batches per epoch. Each epoch has its
+    own batches; drop_remainder leaves out its last partial one (multi-worker training needs full batches).
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if images.ndim == 3:
         images = images[..., np.newaxis]
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if shuffle_seed is None:
+        orders = np.arange(len(images))[np.newaxis]
+    else:
+        orders = np.array([epoch_order(shuffle_seed, epoch, len(images)) for epoch in epochs],
+                          dtype=np.int64).reshape(len(epochs), len(images))
+    batches_per_epoch = len(images) // batch_size if drop_remainder else -(-len(images) // batch_size)
+    pixels, targets = tf.constant(images), tf.constant(labels)
 
-    def to_model_inputs(batch_images, batch_labels):
-        return tf.cast(batch_images, tf.float32), tf.one_hot(batch_labels, num_classes, dtype=tf.float32)
+    def epoch_batches(order):
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
 
-    return (dataset.batch(batch_size, drop_remainder=drop_remainder)
+    def to_model_inputs(indices):
+        return (tf.cast(tf.gather(pixels, indices), tf.float32),
+                tf.one_hot(tf.gather(targets, indices), num_classes, dtype=tf.float32))
+
+    return (tf.data.Dataset.from_tensor_slices(orders).flat_map(epoch_batches)
+            .apply(tf.data.experimental.assert_cardinality(len(orders) * batches_per_epoch))
             .map(to_model_inputs, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE))
 
@@ -190,9 +232,10 @@ def fit_classifier(build_model: Callable[[], keras.Model], train: tuple[np.ndarr
                    log_to_mlflow: bool = False, callbacks: tuple = (), verbose: int = 2) -> FitResult:
     """Train the model from build_model() on (images, labels) and return it with its best epoch's weights.
 
-    checkpoint_dir keeps the state a restarted run resumes from (Keras' BackupAndRestore plus our
-    epoch records and best weights); the caller keys it by params and data, so a changed
-    experiment never resumes another one's state. It is emptied when training completes.
+    checkpoint_dir keeps the state of the last finished epoch (weights, optimizer, random-seed
+    states, learning-rate plateau, epoch records, best weights), from which a killed run resumes
+    and ends as if never stopped; the caller keys it by params and data, so a changed experiment
+    never resumes another one's state. It is emptied when training completes.
     """
     strategy, runtime = runtime or configure_runtime(settings)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -217,20 +260,22 @@ def fit_classifier(build_model: Callable[[], keras.Model], train: tuple[np.ndarr
         with strategy.scope():
             model = build_model()
             compile_model(model, settings, steps_per_epoch, jit_compile=runtime["jit_compile"])
-        progress = _Progress(checkpoint_dir, settings, len(train_images), log_to_mlflow and is_chief())
-        # Order matters: our records are written before Keras' backup, so they are never behind it.
-        fit_callbacks = [progress, keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup"))]
-        if settings.lr_schedule == "plateau":
-            fit_callbacks.append(keras.callbacks.ReduceLROnPlateau(
-                monitor=settings.monitor, factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE, verbose=0))
+            state = _restore(model, checkpoint_dir)
+        progress = _Progress(checkpoint_dir, settings, len(train_images), log_to_mlflow and is_chief(), state,
+                             plateau=plateau_callback(settings), backup=True)
+        progress.log_missing_epochs()
         class_weight = None
         if settings.class_weights == "balanced":
             class_weight = balanced_class_weights(train_labels, num_classes)
-        model.fit(make_dataset(train_images, train_labels, settings.batch_size, num_classes,
-                               shuffle_seed=settings.seed),
-                  validation_data=make_dataset(*val, settings.batch_size, num_classes),
-                  epochs=settings.epochs, class_weight=class_weight, shuffle=False,  # make_dataset shuffles
-                  callbacks=[*fit_callbacks, *callbacks], verbose=verbose)
+        first_epoch = progress.resumed_at_epoch
+        if not progress.finished:
+            # The dataset starts at the epoch this run resumes at: each epoch's order is its own (epoch_order).
+            model.fit(make_dataset(train_images, train_labels, settings.batch_size, num_classes,
+                                   shuffle_seed=settings.seed, epochs=range(first_epoch, settings.epochs)),
+                      validation_data=make_dataset(*val, settings.batch_size, num_classes),
+                      initial_epoch=first_epoch, epochs=settings.epochs, steps_per_epoch=steps_per_epoch,
+                      class_weight=class_weight, shuffle=False,  # make_dataset shuffles
+                      callbacks=[progress, *callbacks], verbose=verbose)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     if progress.best_epoch is None:
@@ -274,35 +319,100 @@ def _loss(settings: TrainingSettings) -> keras.losses.Loss:
     raise ValueError(f"loss {settings.loss!r}: choose categorical_crossentropy or binary_crossentropy")
 
 
+def plateau_callback(settings: TrainingSettings) -> keras.callbacks.ReduceLROnPlateau | None:
+    """ReduceLROnPlateau for lr_schedule=plateau, else None; _Progress drives it and keeps its state."""
+    if settings.lr_schedule != "plateau":
+        return None
+    # mode spelled out: "auto" looks for the metric among those fit would have built (the custom loop builds none).
+    return keras.callbacks.ReduceLROnPlateau(monitor=settings.monitor,
+                                             mode="min" if settings.monitor == "val_loss" else "max",
+                                             factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE, verbose=0)
+
+
 def _empty_directory(directory: Path) -> None:
     for path in sorted(directory.rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
 
 
-class _Progress(keras.callbacks.Callback):
-    """Per-epoch records, best weights, early stopping and the time budget, all surviving a restart.
+def _seed_states(model: keras.Model) -> list:
+    """The states of the model's random-seed generators (dropout, stochastic depth), in build order.
 
-    Runs before BackupAndRestore at each epoch end, so its records are never behind the backup
-    and at most one epoch ahead of it; on restart, records of epochs the backup does not hold
-    are dropped and those epochs run again.
+    model.variables holds them and model.weights does not, nor does save_weights: restored weights
+    alone would replay epoch 1's dropout masks after a resume.
+    """
+    weights = {id(variable) for variable in model.weights}
+    return [variable for variable in model.variables if id(variable) not in weights]
+
+
+def _restore(model: keras.Model, directory: Path) -> dict:
+    """Load the last finished epoch's state that a killed run left in directory; that state, or {} to start fresh.
+
+    Everything else there goes: files of an epoch that did not finish, or an older layout of the folder.
+    """
+    path = directory / PROGRESS_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        state = {}
+    files = {state.get("weights"), state.get("best_weights")}
+    if (state and (None in files or not all((directory / name).is_file() for name in files)
+                   or len(state.get("seed_states", ())) != len(_seed_states(model)))):
+        print(f"{directory}: not a state this version can resume from; training starts afresh", flush=True)
+        state = {}
+    keep = {PROGRESS_FILE, *files} if state else set()
+    for child in directory.iterdir():
+        if child.name not in keep | {RUN_RECORD}:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if state:
+        model.optimizer.build(model.trainable_variables)  # its variables must exist to be loaded
+        model.load_weights(directory / state["weights"])  # the model's and the optimizer's, its step among them
+        for variable, value in zip(_seed_states(model), state["seed_states"]):
+            variable.assign(np.asarray(value, dtype=variable.dtype))
+    return state
+
+
+def _weights_name(epoch: int) -> str:
+    return f"epoch{epoch}.weights.h5"
+
+
+class _Progress(keras.callbacks.Callback):
+    """Per-epoch records, best weights, early stopping, the time budget and the plateau schedule, all
+    surviving a restart.
+
+    At each epoch's end it records the epoch, saves the weights (with the optimizer's state) of a
+    best epoch and, with backup, of every epoch, steps ReduceLROnPlateau, and then writes
+    progress.json: the commit point. A run killed before it resumes from the epoch before, whose
+    files stay until the next commit. Only then is the epoch logged to MLflow, so that a resumed
+    run, which continues the killed one's MLflow run, logs each epoch once.
     """
 
-    def __init__(self, directory: Path, settings: TrainingSettings, train_size: int, log_to_mlflow: bool):
+    def __init__(self, directory: Path, settings: TrainingSettings, train_size: int, log_to_mlflow: bool,
+                 state: dict, plateau: keras.callbacks.ReduceLROnPlateau | None = None, backup: bool = False):
         super().__init__()
+        self.directory = directory
         self.settings = settings
         self.train_size = train_size
         self.log_to_mlflow = log_to_mlflow
-        self.state_path = directory / "progress.json"
-        self.best_path = directory / "best.weights.h5"
-        state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        self.plateau = plateau
+        self.backup = backup
         self.history: list[dict] = state.get("history", [])
         self.best_epoch: int | None = state.get("best_epoch")
+        self.stopped_by: str = state.get("stopped_by", "epochs")
+        self.resumed_at_epoch: int = state.get("epoch", 0)
         self.earlier_seconds: float = state.get("seconds", 0.0)
         self.timed_images = state.get("timed_images", 0)
         self.timed_seconds = state.get("timed_seconds", 0.0)
-        self.stopped_by = "epochs"
-        self.resumed_at_epoch = 0
+        self._plateau_state: dict = state.get("plateau", {})
         self._started = None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the restored run had already stopped: after all its epochs, early, or by the time budget."""
+        return self.stopped_by != "epochs" or self.resumed_at_epoch >= self.settings.epochs
+
+    @property
+    def best_path(self) -> Path:
+        return self.directory / _weights_name(self.best_epoch)
 
     @property
     def seconds(self) -> float:
@@ -311,22 +421,32 @@ class _Progress(keras.callbacks.Callback):
     def images_per_second(self) -> float:
         return self.timed_images / self.timed_seconds if self.timed_seconds else 0.0
 
+    def set_model(self, model):
+        super().set_model(model)
+        if self.plateau is not None:
+            self.plateau.set_model(model)
+
+    def log_missing_epochs(self) -> None:
+        """Log the restored epochs that the active MLflow run lacks (all of them in a new run, else those
+        the killed run committed but had not logged yet)."""
+        if not (self.log_to_mlflow and self.history):
+            return
+        import mlflow
+
+        run_id = mlflow.active_run().info.run_id
+        logged = {metric.step for metric in mlflow.MlflowClient().get_metric_history(run_id, "epoch/learning_rate")}
+        for row in self.history:
+            if row["epoch"] not in logged:
+                self._log(row)
+
     def on_train_begin(self, logs=None):
         self._started = time.perf_counter()
-        self._first_epoch_seen = False
+        if self.plateau is not None:
+            self.plateau.on_train_begin()  # resets its counters; a resumed run then takes back its own
+            for name, value in self._plateau_state.items():
+                setattr(self.plateau, name, value)
 
     def on_epoch_begin(self, epoch, logs=None):
-        if not self._first_epoch_seen:
-            self._first_epoch_seen = True
-            self.resumed_at_epoch = epoch
-            self.history = [row for row in self.history if row["epoch"] <= epoch]
-            if self.best_epoch is not None and self.best_epoch > epoch:
-                # The best weights came from an epoch the backup does not hold; later epochs compete afresh.
-                self.best_path.unlink(missing_ok=True)
-                self.best_epoch = None
-            if self.log_to_mlflow:
-                for row in self.history:  # a resumed run's MLflow run shows the whole curve
-                    self._log(row)
         self._epoch_started = time.perf_counter()
         self._steps = 0
 
@@ -353,9 +473,9 @@ class _Progress(keras.callbacks.Callback):
                "images": min(self._steps * self.settings.batch_size, self.train_size),
                "seconds": round(time.perf_counter() - self._epoch_started, 3)}
         self.history.append(row)
-        if self.best_epoch is None or self._improves(row, self.history[self.best_epoch - 1]):
+        improved = self.best_epoch is None or self._improves(row, self.history[self.best_epoch - 1])
+        if improved:
             self.best_epoch = row["epoch"]
-            self.model.save_weights(self.best_path)
         patience = self.settings.early_stopping_patience
         if patience and row["epoch"] - self.best_epoch >= patience:
             self.model.stop_training = True
@@ -365,11 +485,30 @@ class _Progress(keras.callbacks.Callback):
             # Another epoch would end past the budget: stop now rather than overrun it.
             self.model.stop_training = True
             self.stopped_by = "max_seconds"
-        write_json(self.state_path, {"history": self.history, "best_epoch": self.best_epoch,
-                                     "seconds": self.seconds, "timed_images": self.timed_images,
-                                     "timed_seconds": self.timed_seconds})
+        if self.plateau is not None:
+            self.plateau.on_epoch_end(epoch, dict(logs))
+        if self.backup or improved:
+            # After the plateau step, so that a resumed run's optimizer has the next epoch's learning rate.
+            self.model.save_weights(self.directory / _weights_name(row["epoch"]))
+        if self.backup:
+            write_json(self.directory / PROGRESS_FILE, self._state(row["epoch"]))
+        keep = {_weights_name(self.best_epoch), _weights_name(row["epoch"]) if self.backup else None}
+        for path in self.directory.glob(_weights_name("*")):
+            if path.name not in keep:
+                path.unlink()
         if self.log_to_mlflow:
             self._log(row)
+
+    def _state(self, epoch: int) -> dict:
+        plateau = {}
+        if self.plateau is not None:
+            plateau = {name: getattr(self.plateau, name) for name in ("best", "wait", "cooldown_counter")}
+        return {"epoch": epoch, "weights": _weights_name(epoch), "best_weights": _weights_name(self.best_epoch),
+                "history": self.history, "best_epoch": self.best_epoch, "stopped_by": self.stopped_by,
+                "seconds": self.seconds, "timed_images": self.timed_images, "timed_seconds": self.timed_seconds,
+                "seed_states": [keras.ops.convert_to_numpy(variable.value).tolist()
+                                for variable in _seed_states(self.model)],
+                "plateau": plateau}
 
     def _improves(self, row: dict, best: dict) -> bool:
         # Strictly: of equal scores the earlier epoch stays best.
