@@ -108,7 +108,8 @@ def test_changing_one_param_reruns_only_the_stages_that_read_it(pipeline):
     params = project / "params.yaml"
     original = params.read_text()
     try:
-        params.write_text(original.replace("flip_tta: false", "flip_tta: true"))
+        flipped = "flip_tta: false" if "flip_tta: true" in original else "flip_tta: true"
+        params.write_text(original.replace("flip_tta: true", flipped).replace("flip_tta: false", flipped))
         status = run(["dvc", "status", "--json"], project, environment)
         changed = set(json.loads(status.stdout))
         assert changed == {"evaluate@with_ef_fer1", "evaluate@without_ef_fer1"}
