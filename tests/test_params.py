@@ -106,3 +106,12 @@ def test_every_profile_applied_onto_params_yaml_loads(tmp_path, profile):
     for dotted, value in overrides.items():
         section, key = dotted.split(".")
         assert getattr(getattr(params, section), key) == value
+
+
+def test_a_float_written_in_exponent_form_loads_as_a_float(tmp_path):
+    # `dvc exp run -S finetune.learning_rate=0.00001` writes 1e-05, which YAML 1.1 reads as a string.
+    path = tmp_path / "params.yaml"
+    path.write_text((REPOSITORY / "params.yaml").read_text().replace("learning_rate: 0.002 ", "learning_rate: 1e-05 "))
+    assert load_params(path).finetune.learning_rate == 1e-05
+    with pytest.raises(ParamsError, match=r"finetune.learning_rate must be float, got 'fast' \(str\)"):
+        load_with(tmp_path, "finetune.learning_rate", "fast")

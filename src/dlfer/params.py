@@ -211,9 +211,15 @@ def _require_training_ranges(section: str, params) -> None:
     _require_range(f"{section}.max_seconds", params.max_seconds, minimum=0)  # 0 = no limit
 
 
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _check_type(key: str, value, expected) -> object:
-    # YAML reads 1e-3 as a string and 3 as an int: accept ints for floats, nothing else loosely.
+    # YAML 1.1 reads 1e-3 (no dot) as a string, and `dvc exp run -S finetune.learning_rate=0.00001` writes
+    # exactly that (1e-05); it reads 3 as an int. Accept both for floats, nothing else loosely.
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
         return float(value)
     if expected is bool and not isinstance(value, bool):
         raise ParamsError(f"params.yaml: {key} must be true or false, got {value!r}")
