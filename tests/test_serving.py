@@ -123,7 +123,9 @@ def photo_request(*photos: bytes) -> dict:
 def start(command: list[str], log_path) -> subprocess.Popen:
     """A server process in its own session (stopping it stops its workers), stdout and stderr in log_path."""
     # mlflow starts `uvicorn` by name: this environment's bin folder must be on PATH, as in an activated venv.
-    environment = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{log_path.parent}/m.db",
+    # A user's shell sets no TensorFlow log level: dlfer's own default must keep the CPU start-up quiet.
+    environment = {**{key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"},
+                   "MLFLOW_TRACKING_URI": f"sqlite:///{log_path.parent}/m.db",
                    "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
     with log_path.open("w") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
