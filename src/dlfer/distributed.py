@@ -54,7 +54,7 @@ def fit_multi_worker(build_model: Callable[[], keras.Model], train_split: tuple[
     # All epochs in one dataset, each in its own order (train.epoch_order), read through one iterator.
     train_batches = iter(_distribute(strategy, train.make_dataset(
         images, labels, settings.batch_size, num_classes, shuffle_seed=settings.seed, drop_remainder=True,
-        epochs=range(settings.epochs))))
+        epochs=range(settings.epochs), augmentation=settings.online_augmentation)))
     val_batches = _distribute(strategy, train.make_dataset(*val_split, settings.batch_size, num_classes))
 
     progress = train._Progress(checkpoint_dir, settings, len(images), log_to_mlflow and train.is_chief(), {},

@@ -125,6 +125,10 @@ class FinetuneParams:
     mixed_precision: str
     jit_compile: str
     distribution: str
+    online_flip: float
+    online_shift: float
+    online_rotation: float
+    online_zoom: float
 
     def __post_init__(self):
         _require_choice("finetune.optimizer", self.optimizer, ("adam", "sgd"))
@@ -140,6 +144,10 @@ class FinetuneParams:
         _require_range("finetune.label_smoothing", self.label_smoothing, minimum=0, maximum=1, below=True)
         _require_range("finetune.early_stopping_patience", self.early_stopping_patience, minimum=0)
         _require_range("finetune.dropout", self.dropout, minimum=0, maximum=1, below=True)
+        _require_range("finetune.online_flip", self.online_flip, minimum=0, maximum=1)
+        for key in ("online_shift", "online_zoom"):
+            _require_range(f"finetune.{key}", getattr(self, key), minimum=0, maximum=1, below=True)
+        _require_range("finetune.online_rotation", self.online_rotation, minimum=0, maximum=180)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,15 @@ class TrainingSettings:
     mixed_precision: str = "auto"       # auto | on | off
     jit_compile: str = "auto"           # auto | on | off
     distribution: str = "auto"          # auto | none | mirrored | multi_worker
+    online_flip: float = 0.0            # the fresh random transform of each image at each step (OnlineAugmentation)
+    online_shift: float = 0.0
+    online_rotation: float = 0.0
+    online_zoom: float = 0.0
+
+    @property
+    def online_augmentation(self) -> "OnlineAugmentation | None":
+        augmentation = OnlineAugmentation(self.online_flip, self.online_shift, self.online_rotation, self.online_zoom)
+        return augmentation if augmentation.active else None
 
     @classmethod
     def from_params(cls, section, seed: int, **overrides) -> "TrainingSettings":
@@ -84,6 +93,53 @@ class FitResult:
     @property
     def best(self) -> dict:
         return self.history[self.best_epoch - 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineAugmentation:
+    """A new random affine transform of every training image each time an epoch shows it.
+
+    The augment_balance stage draws the paper's copies once, so a second epoch shows the same
+    pixels again; this draws a fresh transform per image and step, in the model's 48x48 input
+    before it resizes. Same semantics as dlfer.augment (rotation and zoom about the centre, shift
+    as a fraction of the side, mirror with probability flip, nearest fill, bilinear sampling). The
+    random numbers are a function of (seed, epoch, batch) alone, so a resumed or reloaded run
+    sees the same transforms.
+    """
+
+    flip: float          # probability of a horizontal mirror
+    shift: float         # largest shift, fraction of the side, drawn per axis
+    rotation: float      # largest rotation, degrees
+    zoom: float          # zoom factors per axis drawn from [1 - zoom, 1 + zoom]
+
+    @property
+    def active(self) -> bool:
+        return any(value > 0 for value in (self.flip, self.shift, self.rotation, self.zoom))
+
+    def transforms(self, count, height: int, width: int, seed) -> tf.Tensor:
+        """(count, 8) ImageProjectiveTransformV3 rows mapping output pixels to input pixels."""
+        uniform = tf.random.stateless_uniform((count, 6), seed=seed, minval=-1.0, maxval=1.0)
+        angle = uniform[:, 0] * np.deg2rad(self.rotation)
+        zoom_x, zoom_y = 1 + uniform[:, 1] * self.zoom, 1 + uniform[:, 2] * self.zoom
+        shift_x, shift_y = uniform[:, 3] * self.shift * width, uniform[:, 4] * self.shift * height
+        mirror = tf.where(uniform[:, 5] * 0.5 + 0.5 < self.flip, -1.0, 1.0)
+        cos, sin = tf.cos(angle), tf.sin(angle)
+        # input = R(angle) @ diag(zoom_x * mirror, zoom_y) @ (output - centre) + centre + shift, in (x, y)
+        a0, a1 = cos * zoom_x * mirror, -sin * zoom_y
+        b0, b1 = sin * zoom_x * mirror, cos * zoom_y
+        centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
+        a2 = centre_x - a0 * centre_x - a1 * centre_y + shift_x
+        b2 = centre_y - b0 * centre_x - b1 * centre_y + shift_y
+        zeros = tf.zeros_like(a0)
+        return tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+
+    def apply(self, images: tf.Tensor, seed) -> tf.Tensor:
+        """images (N, H, W, C) float32, one transform per image drawn from seed (shape (2,) int)."""
+        height, width = images.shape[1], images.shape[2]
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=images, transforms=self.transforms(tf.shape(images)[0], height, width, seed),
+            output_shape=tf.constant([height, width], tf.int32), fill_value=0.0,
+            interpolation="BILINEAR", fill_mode="NEAREST")
 
 
 def keyed_checkpoint_dir(root: str | Path, key: dict) -> Path:
@@ -127,7 +183,7 @@ def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, num_classes: int,
                  shuffle_seed: int | None = None, drop_remainder: bool = False,
-                 epochs: range = range(1)) -> tf.data.Dataset:
+                 epochs: range = range(1), augmentation: OnlineAugmentation | None = None) -> tf.data.Dataset:
     """Batches of (float32 pixels 0-255 with a channel axis, one-hot float32 labels) from uint8 arrays.
 
     The arrays stay uint8 in memory; conversion happens per batch in parallel. shuffle_seed None
@@ -135,27 +191,37 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, num_cl
     in `epochs` (0-based) one after the other, epoch e in epoch_order(seed, e): a fit resumed at
     epoch e starts its dataset there and takes steps_per_epoch batches per epoch. Each epoch has its
     own batches; drop_remainder leaves out its last partial one (multi-worker training needs full batches).
+    augmentation (training only, needs a seed) transforms each batch with random numbers keyed by
+    (seed, epoch, batch).
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if images.ndim == 3:
         images = images[..., np.newaxis]
+    if augmentation is not None and shuffle_seed is None:
+        raise ValueError("online augmentation is for shuffled training batches: pass shuffle_seed")
     if shuffle_seed is None:
         orders = np.arange(len(images))[np.newaxis]
+        epochs = range(1)
     else:
         orders = np.array([epoch_order(shuffle_seed, epoch, len(images)) for epoch in epochs],
                           dtype=np.int64).reshape(len(epochs), len(images))
     batches_per_epoch = len(images) // batch_size if drop_remainder else -(-len(images) // batch_size)
     pixels, targets = tf.constant(images), tf.constant(labels)
 
-    def epoch_batches(order):
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
+    def epoch_batches(epoch, order):
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
+        return batches.enumerate().map(lambda batch, indices: (epoch, batch, indices))
 
-    def to_model_inputs(indices):
-        return (tf.cast(tf.gather(pixels, indices), tf.float32),
-                tf.one_hot(tf.gather(targets, indices), num_classes, dtype=tf.float32))
+    def to_model_inputs(epoch, batch, indices):
+        inputs = tf.cast(tf.gather(pixels, indices), tf.float32)
+        if augmentation is not None:
+            inputs = augmentation.apply(inputs, tf.stack([tf.constant(shuffle_seed, tf.int64),
+                                                          epoch * 1_000_003 + batch]))
+        return inputs, tf.one_hot(tf.gather(targets, indices), num_classes, dtype=tf.float32)
 
-    return (tf.data.Dataset.from_tensor_slices(orders).flat_map(epoch_batches)
+    epoch_numbers = np.array(list(epochs), dtype=np.int64)
+    return (tf.data.Dataset.from_tensor_slices((epoch_numbers, orders)).flat_map(epoch_batches)
             .apply(tf.data.experimental.assert_cardinality(len(orders) * batches_per_epoch))
             .map(to_model_inputs, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE))
@@ -271,7 +337,8 @@ def fit_classifier(build_model: Callable[[], keras.Model], train: tuple[np.ndarr
         if not progress.finished:
             # The dataset starts at the epoch this run resumes at: each epoch's order is its own (epoch_order).
             model.fit(make_dataset(train_images, train_labels, settings.batch_size, num_classes,
-                                   shuffle_seed=settings.seed, epochs=range(first_epoch, settings.epochs)),
+                                   shuffle_seed=settings.seed, epochs=range(first_epoch, settings.epochs),
+                                   augmentation=settings.online_augmentation),
                       validation_data=make_dataset(*val, settings.batch_size, num_classes),
                       initial_epoch=first_epoch, epochs=settings.epochs, steps_per_epoch=steps_per_epoch,
                       class_weight=class_weight, shuffle=False,  # make_dataset shuffles
