@@ -4,8 +4,13 @@ Reads   <model>/model.keras          Keras model: (N,48,48,1) raw pixels 0-255 -
         <model>/mlflow_run.json     {run_id, ...} of the finetune run, recorded as tag finetune_run_id
         <test>                      data/balanced/test.npz: images (N,48,48) uint8, labels (N,), ids (N,).
                                     This is the only stage that reads the test split, and it reads it once.
-Writes  <metrics>                   metrics/evaluate_<variant>.json (flat numbers; the same dict goes to MLflow)
-        <reports>/predictions.csv   id, actual, predicted (emotion names), probability_<emotion> x 7
+        <train>                     data/balanced/train.npz: only its ids, to find test faces seen in training
+        <audit>                     data/validated/audit.parquet: validate's exact / perceptual duplicate groups
+Writes  <metrics>                   metrics/evaluate_<variant>.json (flat numbers; the same dict goes to MLflow),
+                                    with the leak (dlfer.leak): test images with a sibling in train, and
+                                    accuracy on those with one and on those without
+        <reports>/predictions.csv   id, actual, predicted (emotion names), probability_<emotion> x 7,
+                                    train_sibling (none | augmented | duplicate | both)
         <reports>/per_class.csv     emotion, precision, recall, f1, support
         <reports>/confusion.png     counts and row-normalised confusion matrices
 Params  seed (bootstrap RNG), preprocess.protocol (MLflow tag), evaluate.flip_tta, evaluate.bootstrap_samples
@@ -21,7 +26,7 @@ import numpy as np
 import pandas as pd
 import typer
 
-from dlfer import metrics
+from dlfer import leak, metrics
 from dlfer.fer2013 import EMOTIONS, IMAGE_SIDE
 from dlfer.files import atomic_directory, sha256_of_file, write_json
 from dlfer.params import load_params
@@ -90,11 +95,31 @@ def predict_probabilities(model, images: np.ndarray, flip_tta: bool) -> np.ndarr
     return probabilities
 
 
-def predictions_table(ids: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame:
+def load_train_ids_and_audit(train_path: Path, audit_path: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """The train split's ids and validate's duplicate groups, to find test faces already seen in training."""
+    if not train_path.is_file():
+        raise EvaluateInputError(f"{train_path}: not found; run the augment_balance stage (dvc repro augment_balance)")
+    if not audit_path.is_file():
+        raise EvaluateInputError(f"{audit_path}: not found; run the validate stage (dvc repro validate)")
+    try:
+        with np.load(train_path, allow_pickle=False) as archive:
+            train_ids = archive["ids"].astype(str)
+        audit = pd.read_parquet(audit_path, columns=["image_id", *leak.DUPLICATE_GROUPS])
+    except (OSError, ValueError, KeyError) as error:
+        raise EvaluateInputError(f"{train_path} / {audit_path}: unreadable ({error}); rerun augment_balance "
+                                 "and validate") from None
+    return train_ids, audit
+
+
+def predictions_table(ids: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
+                      siblings: pd.DataFrame) -> pd.DataFrame:
     names = np.array(EMOTIONS)
     table = pd.DataFrame({"id": ids, "actual": names[labels], "predicted": names[probabilities.argmax(axis=1)]})
     for index, emotion in enumerate(EMOTIONS):
         table[f"probability_{emotion}"] = probabilities[:, index]
+    augmented, duplicate = siblings["augmented_sibling"].to_numpy(), siblings["duplicate_in_train"].to_numpy()
+    table["train_sibling"] = np.select([augmented & duplicate, augmented, duplicate], ["both", "augmented", "duplicate"],
+                                       "none")
     return table
 
 
@@ -132,6 +157,8 @@ def main(
     params_path: Path = typer.Option(Path("params.yaml"), "--params"),
     model_dir: Path = typer.Option(..., "--model", help="models/finetune/<variant>"),
     test_path: Path = typer.Option(..., "--test", help="data/balanced/test.npz"),
+    train_path: Path = typer.Option(..., "--train", help="data/balanced/train.npz (its ids only)"),
+    audit_path: Path = typer.Option(..., "--audit", help="data/validated/audit.parquet"),
     metrics_path: Path = typer.Option(..., "--metrics", help="metrics/evaluate_<variant>.json"),
     reports_dir: Path = typer.Option(..., "--reports", help="reports/evaluate/<variant>"),
 ) -> None:
@@ -141,12 +168,14 @@ def main(
     configure()  # fail fast on an unreachable tracking store, before any work
     run_id_of_finetune = finetune_run_id(model_dir)
     images, labels, ids = load_test_split(test_path)  # before the model: a bad file fails without loading Keras
+    siblings = leak.train_siblings(ids, *load_train_ids_and_audit(train_path, audit_path))
     model = load_model(model_dir)
 
     probabilities = predict_probabilities(model, images, params.evaluate.flip_tta)
     predicted = probabilities.argmax(axis=1)
     rng = np.random.default_rng(params.seed)
     results = metrics.evaluation_metrics(labels, predicted, EMOTIONS, params.evaluate.bootstrap_samples, rng)
+    results.update(leak.leak_metrics(siblings, predicted == labels))
 
     logged_params = {"evaluate": params.section("evaluate"), "preprocess": {"protocol": params.preprocess.protocol},
                      "seed": params.seed, "variant": variant}
@@ -157,7 +186,7 @@ def main(
         import mlflow
 
         with atomic_directory(reports_dir) as temporary:
-            predictions_table(ids, labels, probabilities).to_csv(temporary / "predictions.csv", index=False)
+            predictions_table(ids, labels, probabilities, siblings).to_csv(temporary / "predictions.csv", index=False)
             metrics.per_class_table(labels, predicted, EMOTIONS).to_csv(temporary / "per_class.csv", index=False)
             confusion = metrics.confusion_matrix(labels, predicted, len(EMOTIONS))
             draw_confusion(confusion, f"evaluate {variant} ({params.preprocess.protocol} protocol): "
@@ -169,7 +198,8 @@ def main(
         mlflow.log_artifact(str(metrics_path))
     typer.echo(f"evaluate {variant}: test accuracy {results['test_accuracy']:.4f} "
                f"[{results['test_accuracy_ci95_low']:.4f}, {results['test_accuracy_ci95_high']:.4f}], "
-               f"macro-F1 {results['f1_macro']:.4f}, n={results['n_test']} (MLflow run {run.info.run_id})")
+               f"macro-F1 {results['f1_macro']:.4f}, n={results['n_test']}, "
+               f"{results['leak_test_with_train_sibling']} with a sibling in train (MLflow run {run.info.run_id})")
 
 
 if __name__ == "__main__":

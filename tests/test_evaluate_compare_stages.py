@@ -57,6 +57,15 @@ def workspace(tmp_path_factory):
     (root / "data" / "balanced").mkdir(parents=True)
     np.savez(root / "data" / "balanced" / "test.npz", images=rng.integers(0, 256, (N_TEST, 48, 48), dtype=np.uint8),
              labels=labels.astype(np.int64), ids=ids)
+    # Training holds an augmented copy of test face 3 and an exact duplicate of test face 10: the leak.
+    train_ids = np.array(["PrivateTest_00003~aug0", "Training_00001", "Training_00002"])
+    np.savez(root / "data" / "balanced" / "train.npz", images=np.zeros((3, 48, 48), np.uint8),
+             labels=np.zeros(3, np.int64), ids=train_ids)
+    audit_ids = [*ids, "Training_00001", "Training_00002"]
+    exact_group = [5 if image_id in ("PrivateTest_00010", "Training_00001") else -1 for image_id in audit_ids]
+    (root / "data" / "validated").mkdir(parents=True)
+    pd.DataFrame({"image_id": audit_ids, "exact_group": exact_group, "near_group": exact_group}).to_parquet(
+        root / "data" / "validated" / "audit.parquet")
 
     store = migrated_mlflow_store(root / "mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{store}")
@@ -83,7 +92,8 @@ def workspace(tmp_path_factory):
     # Keras is already loaded, to keep the file's run time down.
     result = run_stage("evaluate.py", [
         "--variant", "with_ef_fer1", "--params", "params.yaml", "--model", "models/finetune/with_ef_fer1",
-        "--test", "data/balanced/test.npz", "--metrics", "metrics/evaluate_with_ef_fer1.json",
+        "--test", "data/balanced/test.npz", "--train", "data/balanced/train.npz",
+        "--audit", "data/validated/audit.parquet", "--metrics", "metrics/evaluate_with_ef_fer1.json",
         "--reports", "reports/evaluate/with_ef_fer1"], root, store)
     assert result.returncode == 0, result.stderr
     specification = importlib.util.spec_from_file_location("evaluate_stage", REPOSITORY / "stages" / "evaluate.py")
@@ -95,6 +105,7 @@ def workspace(tmp_path_factory):
         patch.delenv("DVC_ROOT", raising=False)
         evaluate_stage.main(variant="without_ef_fer1", params_path=Path("params.yaml"),
                             model_dir=Path("models/finetune/without_ef_fer1"), test_path=Path("data/balanced/test.npz"),
+                            train_path=Path("data/balanced/train.npz"), audit_path=Path("data/validated/audit.parquet"),
                             metrics_path=Path("metrics/evaluate_without_ef_fer1.json"),
                             reports_dir=Path("reports/evaluate/without_ef_fer1"))
     mlflow.set_tracking_uri(None)
@@ -123,6 +134,20 @@ def test_evaluate_writes_outputs_consistent_with_its_predictions(workspace):
     assert (reports / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_evaluate_measures_the_leak_from_train_ids_and_duplicate_groups(workspace):
+    root, _ = workspace
+    metrics = json.loads((root / "metrics" / "evaluate_with_ef_fer1.json").read_text())
+    predictions = pd.read_csv(root / "reports" / "evaluate" / "with_ef_fer1" / "predictions.csv")
+    assert dict(predictions.loc[predictions["train_sibling"] != "none", ["id", "train_sibling"]].values) == {
+        "PrivateTest_00003": "augmented", "PrivateTest_00010": "duplicate"}
+    assert (metrics["leak_test_with_augmented_sibling"], metrics["leak_test_with_duplicate_in_train"],
+            metrics["leak_test_with_train_sibling"]) == (1, 1, 2)
+    correct = predictions["actual"] == predictions["predicted"]
+    leaked = predictions["train_sibling"] != "none"
+    assert metrics["test_accuracy_with_train_sibling"] == pytest.approx(correct[leaked].mean())
+    assert metrics["test_accuracy_without_train_sibling"] == pytest.approx(correct[~leaked].mean())
+
+
 def test_evaluate_averages_the_mirror_with_flip_tta(workspace):
     import keras
 
@@ -147,7 +172,9 @@ def test_evaluate_logs_the_same_metrics_and_tags_to_mlflow(workspace):
     finetune_run_id = json.loads((root / "models" / "finetune" / "with_ef_fer1" / "mlflow_run.json").read_text())["run_id"]
     assert run.info.run_name == "evaluate_with_ef_fer1"
     assert run.data.tags["protocol"] == "official" and run.data.tags["finetune_run_id"] == finetune_run_id
-    assert run.data.metrics == pytest.approx(json.loads((root / "metrics" / "evaluate_with_ef_fer1.json").read_text()))
+    written = json.loads((root / "metrics" / "evaluate_with_ef_fer1.json").read_text())
+    # An accuracy over no images is null in the file and absent from MLflow, which holds numbers only.
+    assert run.data.metrics == pytest.approx({key: value for key, value in written.items() if value is not None})
 
 
 def test_evaluate_rejects_a_malformed_test_split_in_one_line(workspace, tmp_path):
@@ -155,8 +182,9 @@ def test_evaluate_rejects_a_malformed_test_split_in_one_line(workspace, tmp_path
     np.savez(tmp_path / "test.npz", images=np.zeros((3, 48, 48), np.uint8), labels=np.zeros(3, np.int64))
     result = run_stage("evaluate.py", [
         "--variant", "with_ef_fer1", "--params", root / "params.yaml", "--model", root / "models/finetune/with_ef_fer1",
-        "--test", tmp_path / "test.npz", "--metrics", tmp_path / "out.json", "--reports", tmp_path / "reports"],
-        tmp_path, tmp_path / "mlflow.db")
+        "--test", tmp_path / "test.npz", "--train", root / "data/balanced/train.npz",
+        "--audit", root / "data/validated/audit.parquet", "--metrics", tmp_path / "out.json",
+        "--reports", tmp_path / "reports"], tmp_path, tmp_path / "mlflow.db")
     assert result.returncode != 0
     assert "test.npz: missing array(s) ids" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out.json").exists() and not (tmp_path / "reports").exists()
