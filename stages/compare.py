@@ -67,7 +67,7 @@ def draw_chart(path: Path, references: compare.References, stage_metrics: dict, 
         axis.text(value + (error[1] if error else 0) + 0.5, position, f"{value:.2f}", va="center", fontsize=8)
     axis.set_yticks(positions, [label for label, *_ in bars], fontsize=8)
     axis.set_xlim(0, 100)
-    axis.set_xlabel("test accuracy (%); error bars: 95% bootstrap interval (human: +-5)")
+    axis.set_xlabel("test accuracy (%); error bars: 95% bootstrap interval, or the anchor's stated uncertainty")
     axis.set_title("FER2013 test accuracy: the paper's claims, this run, honest anchors")
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=110)

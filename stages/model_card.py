@@ -5,6 +5,7 @@ Reads   <params>                        params.yaml (training configuration, pro
                                         finetune_<variant>, evaluate_<variant> (each optional)
         <models>/finetune/<variant>/    provenance.json (both variants), mlflow_run.json (with_ef_fer1)
         <reports>/evaluate/with_ef_fer1/per_class.csv
+        <references>                    references/paper.yaml (the paper's claims, the human-accuracy anchor)
 Writes  <out>                           reports/model_card.md
 Params  none of its own; it describes the params the model was trained with.
 MLflow  run model_card, with the card as an artifact.
@@ -26,13 +27,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-dir", type=Path, default=Path("metrics"))
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--reports", type=Path, default=Path("reports"))
+    parser.add_argument("--references", type=Path, default=Path("references/paper.yaml"))
     parser.add_argument("--out", type=Path, default=Path("reports/model_card.md"))
     arguments = parser.parse_args(argv)
     if not arguments.params.is_file():
         raise SystemExit(f"model_card: {arguments.params}: not found; run from the repository root or pass --params")
     configure()  # fail fast on an unreachable tracking store, before any work
     text = write_model_card(arguments.params, arguments.metrics_dir, arguments.models, arguments.reports,
-                            arguments.out)
+                            arguments.out, arguments.references)
     with stage_run("model_card"):
         import mlflow
 

@@ -4,9 +4,11 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import PROJECT, stage_environment
 from dlfer import metrics, model_card
@@ -54,7 +56,7 @@ def pipeline(tmp_path):
 
 def render(root):
     return model_card.render(model_card.collect(root / "params.yaml", root / "metrics", root / "models",
-                                                root / "reports"))
+                                                root / "reports", PROJECT / "references" / "paper.yaml"))
 
 
 def test_card_reports_each_figure_from_the_files(pipeline):
@@ -108,10 +110,25 @@ def test_stage_writes_the_card_and_logs_it(pipeline):
     root, _ = pipeline
     finished = subprocess.run(
         [sys.executable, str(PROJECT / "stages" / "model_card.py"), "--params", "params.yaml", "--metrics-dir",
-         "metrics", "--models", "models", "--reports", "reports", "--out", "reports/model_card.md"],
+         "metrics", "--models", "models", "--reports", "reports", "--references",
+         str(PROJECT / "references" / "paper.yaml"), "--out", "reports/model_card.md"],
         cwd=root, env=stage_environment(root), capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
     card = (root / "reports" / "model_card.md").read_text()
     assert card == render(root).replace(str(root) + "/", "")
+    assert "The paper claims +15.88 points" in card  # references/paper.yaml's figure, not a typed one
     assert "model_card: wrote reports/model_card.md" in finished.stdout
     assert not list((root / "reports").glob("*.partial"))
+
+
+def test_card_quotes_the_papers_claim_and_the_human_anchor_from_references(pipeline, tmp_path):
+    root, _ = pipeline
+    references = yaml.safe_load((Path(__file__).resolve().parents[1] / "references" / "paper.yaml").read_text())
+    references["claims"]["ablation_delta_test_accuracy"] = 12.34
+    human = next(anchor for anchor in references["anchors"] if "human" in anchor["kind"])
+    human.update(accuracy=61.0, uncertainty=7.0)
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump(references))
+    card = model_card.render(model_card.collect(root / "params.yaml", root / "metrics", root / "models",
+                                                root / "reports", tmp_path / "paper.yaml"))
+    assert "The paper claims +12.34 points" in card
+    assert "about 61 +/- 7%" in card

@@ -85,10 +85,12 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def collect(params_path: Path, metrics_dir: Path, models_dir: Path, reports_dir: Path) -> dict:
+def collect(params_path: Path, metrics_dir: Path, models_dir: Path, reports_dir: Path,
+            references_path: Path = Path("references/paper.yaml")) -> dict:
     """Everything the card reads, as plain dicts ({} or [] where a file is missing)."""
     return {
         "params": _read_yaml(params_path),
+        "references": _read_yaml(references_path),
         "fetch": _read_json(metrics_dir / "fetch.json"),
         "validate": _read_json(metrics_dir / "validate.json"),
         "preprocess": _read_json(metrics_dir / "preprocess.json"),
@@ -299,10 +301,21 @@ def _ablation(facts: dict) -> str:
              table(["model", "train accuracy", "val accuracy", "test accuracy", "test macro-F1"], rows)]
     first, second = (_number(facts["evaluate"][variant].get("test_accuracy")) for variant in VARIANTS)
     if first is not None and second is not None:
+        claimed = _number((facts["references"].get("claims") or {}).get("ablation_delta_test_accuracy"))
+        claim = MISSING if claimed is None else f"{claimed:+.2f}"
         lines += ["", f"Difference in test accuracy: {100 * (first - second):+.2f} percentage points. Where the two "
-                      "intervals overlap, this run does not separate the variants. The paper claims +15.88 points; "
-                      "`reports/compare.md` sets this run beside the paper's figures."]
+                      f"intervals overlap, this run does not separate the variants. The paper claims {claim} points "
+                      "(references/paper.yaml); `reports/compare.md` sets this run beside the paper's figures."]
     return "\n".join(lines) + "\n"
+
+
+def _human_accuracy(facts: dict) -> str:
+    """The human-accuracy anchor of references/paper.yaml, as a phrase with its source."""
+    for anchor in facts["references"].get("anchors") or []:
+        if "human" in str(anchor.get("kind", "")).lower():
+            return (f"human accuracy on it is about {plain(anchor.get('accuracy'))} +/- "
+                    f"{plain(anchor.get('uncertainty'))}% ({anchor.get('name')}, references/paper.yaml)")
+    return "human accuracy on it is well below 100% (references/paper.yaml has no human anchor)"
 
 
 def _limitations(facts: dict) -> str:
@@ -313,8 +326,8 @@ def _limitations(facts: dict) -> str:
                f"{worst[0].get('support')} test images).") if worst else ""
     return f"""## Known limitations
 
-- **Label noise.** Each FER2013 image was labelled once; human accuracy on it is about 65 +/- 5%
-  (Goodfellow et al. 2013), so the test labels themselves are wrong for a sizeable share of images. The
+- **Label noise.** Each FER2013 image was labelled once; {_human_accuracy(facts)}, so the test labels
+  themselves are wrong for a sizeable share of images. The
   validate stage found {plain(validate.get('label_conflict_images'))} images in exact-duplicate groups with
   conflicting labels and {plain(validate.get('label_conflict_near_images'))} near duplicates with conflicting labels.
 - **Class imbalance.** Disgust is about 1.5% of FER2013 (547 of 35,887 images) and happy about 25%.
@@ -359,11 +372,13 @@ mlflow models serve -m exports/{VARIANTS[0]}/mlflow_model --env-manager local -p
 """
 
 
-def write_model_card(params_path: Path, metrics_dir: Path, models_dir: Path, reports_dir: Path, out: Path) -> str:
+def write_model_card(params_path: Path, metrics_dir: Path, models_dir: Path, reports_dir: Path, out: Path,
+                     references_path: Path = Path("references/paper.yaml")) -> str:
     """Render the card from the pipeline's files and write it to `out` atomically; return its text."""
     from dlfer.files import atomic_path
 
-    text = render(collect(Path(params_path), Path(metrics_dir), Path(models_dir), Path(reports_dir)))
+    text = render(collect(Path(params_path), Path(metrics_dir), Path(models_dir), Path(reports_dir),
+                          Path(references_path)))
     with atomic_path(out) as temporary:
         temporary.write_text(text)
     return text
