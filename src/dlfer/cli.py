@@ -197,6 +197,40 @@ def summary(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of th
         raise typer.Exit(1)
 
 
+results_app = typer.Typer(no_args_is_help=True, help="Keep finished runs in docs/results/ and compare them.")
+app.add_typer(results_app, name="results")
+
+
+@results_app.command("save")
+def results_save(name: str = typer.Argument(..., help="folder name under docs/results, e.g. lite0_cpu"),
+                 workspace: Path = typer.Option(Path("."), help="the finished run's checkout"),
+                 out: Path = typer.Option(Path("docs/results"), help="where saved runs live")) -> None:
+    """Save a finished run: its metrics, the params that differ from git HEAD's, training time and speed."""
+    from dlfer.results import ResultsError, save
+
+    if not name.replace("_", "").replace("-", "").isalnum():
+        typer.echo(f"results save: {name!r}: use letters, digits, - and _", err=True)
+        raise typer.Exit(1)
+    try:
+        typer.echo(f"results save: wrote {save(name, workspace, out)}")
+    except ResultsError as error:
+        typer.echo(f"results save: {error}", err=True)
+        raise typer.Exit(1)
+
+
+@results_app.command("report")
+def results_report(root: Path = typer.Option(Path("docs/results"), help="where saved runs live"),
+                   references: Path = typer.Option(Path("references/paper.yaml"), help="the paper's figures")) -> None:
+    """Write docs/results/README.md from the saved runs' files: no typed figure, so none can drift."""
+    from dlfer.results import ResultsError, write_report
+
+    try:
+        typer.echo(f"results report: wrote {write_report(root, references)}")
+    except (ResultsError, OSError) as error:
+        typer.echo(f"results report: {error}", err=True)
+        raise typer.Exit(1)
+
+
 def _yaml_scalar(value) -> str:
     return "true" if value is True else "false" if value is False else str(value)
 

@@ -41,13 +41,24 @@ def atomic_directory(final_dir: str | Path):
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".partial", dir=final_dir.parent))
+    aside = None
     try:
         yield temporary
+        # The old folder steps aside before the new one moves in, and goes only after: at every
+        # moment either the old or the new folder is complete on disk.
         if final_dir.exists():
-            shutil.rmtree(final_dir)
+            aside = final_dir.with_name(f".{final_dir.name}.{temporary.name}.old")
+            os.replace(final_dir, aside)
         os.replace(temporary, final_dir)
+    except BaseException:
+        if aside is not None and not final_dir.exists():
+            os.replace(aside, final_dir)
+            aside = None
+        raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_json(path: str | Path, data) -> None:
