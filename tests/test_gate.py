@@ -6,6 +6,7 @@ import pytest
 
 from dlfer import gate
 
+PARAMS = "seed: 42\nfetch: {source: auto}\nfinetune: {epochs: 2}\n"
 POLICY = """
 metrics:
   evaluate.test_accuracy: {direction: higher, abs_tol: 0.02}
@@ -38,10 +39,13 @@ def dlfer(*arguments, cwd):
 
 def test_check_command_fails_a_worse_run_and_passes_an_equal_one(tmp_path):
     (tmp_path / "metrics_policy.yaml").write_text(POLICY)
+    (tmp_path / "params.yaml").write_text(PARAMS)
     write_run(tmp_path / "metrics", accuracy=0.60, loss=1.0)
     pinned = dlfer("baseline", cwd=tmp_path)
     assert pinned.returncode == 0, pinned.stderr
-    assert json.loads((tmp_path / "baselines" / "ci.json").read_text())["evaluate.test_accuracy"] == 0.60
+    written = json.loads((tmp_path / "baselines" / "ci.json").read_text())
+    assert written["metrics"]["evaluate.test_accuracy"] == 0.60
+    assert written["params"] == {"seed": 42, "finetune.epochs": 2}  # fetch.source says where, not what
 
     equal = dlfer("check", cwd=tmp_path)
     assert equal.returncode == 0, equal.stdout + equal.stderr
@@ -55,5 +59,23 @@ def test_check_command_fails_a_worse_run_and_passes_an_equal_one(tmp_path):
 
 def test_check_without_baseline_says_how_to_make_one(tmp_path):
     (tmp_path / "metrics_policy.yaml").write_text(POLICY)
+    (tmp_path / "params.yaml").write_text(PARAMS)
     result = dlfer("check", cwd=tmp_path)
     assert result.returncode == 2 and "dlfer baseline" in result.stderr
+
+
+def test_check_never_holds_a_run_against_another_profiles_baseline(tmp_path):
+    (tmp_path / "metrics_policy.yaml").write_text(POLICY)
+    (tmp_path / "params.yaml").write_text(PARAMS)
+    write_run(tmp_path / "metrics", accuracy=0.60, loss=1.0)
+    assert dlfer("baseline", cwd=tmp_path).returncode == 0
+    # A run of another profile (more epochs) with worse metrics: refused, not judged.
+    (tmp_path / "params.yaml").write_text(PARAMS.replace("epochs: 2", "epochs: 6"))
+    write_run(tmp_path / "metrics", accuracy=0.40, loss=2.0)
+    result = dlfer("check", cwd=tmp_path)
+    assert result.returncode == 2 and "regressed" not in result.stdout
+    assert "baselines/ci.json differs in finetune.epochs (baseline 2, now 6)" in result.stderr
+    # Its own baseline is found among several, whatever the file's name.
+    assert dlfer("baseline", "--out", "baselines/long.json", cwd=tmp_path).returncode == 0
+    found = dlfer("check", cwd=tmp_path)
+    assert found.returncode == 0 and "against baselines/long.json" in found.stdout

@@ -110,20 +110,29 @@ def profile(name: str = typer.Argument(..., help="profile name in profiles/ (ci,
 
 @app.command()
 def check(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of the current run's metrics JSON files"),
-          baseline: Path = typer.Option(Path("baselines/ci.json"), help="committed baseline (dlfer baseline writes it)"),
+          params: Path = typer.Option(Path("params.yaml"), help="the params the current run used"),
+          baseline: Path = typer.Option(None, help="a baseline file; default: the one in baselines/ made with "
+                                                   "the same params"),
+          baselines: Path = typer.Option(Path("baselines"), help="folder of committed baselines"),
           policy: Path = typer.Option(Path("metrics_policy.yaml"), help="per-metric direction and tolerances")) -> None:
-    """Compare the current metrics with the baseline; exit 1 on a regression beyond the policy's tolerance."""
+    """Compare the current metrics with the baseline of the same profile; exit 1 on a regression."""
     from dlfer import gate
 
     try:
         rules = gate.load_policy(policy)
-        if not baseline.is_file():
-            raise ValueError(f"{baseline}: baseline not found; create it with `dlfer baseline --out {baseline}`")
-        reference = json.loads(baseline.read_text())
+        if not params.is_file():
+            raise ValueError(f"{params}: not found; pass --params with the params.yaml of the run to check")
+        candidates = [baseline] if baseline else sorted(baselines.glob("*.json"))
+        for candidate in candidates:
+            if not candidate.is_file():
+                raise ValueError(f"{candidate}: baseline not found; create it with "
+                                 f"`dlfer baseline --params {params} --out {candidate}`")
+        chosen, reference = gate.matching_baseline(candidates, yaml.safe_load(params.read_text()) or {})
     except ValueError as error:
         typer.echo(f"check: {error}", err=True)
         raise typer.Exit(2)
     verdicts = gate.judge(rules, reference, gate.collect_metrics(metrics_dir, list(rules)))
+    typer.echo(f"check: against {chosen} (made with the same params)")
     typer.echo(gate.markdown_table(verdicts))
     if gate.failed(verdicts):
         bad = [verdict.metric for verdict in verdicts if verdict.status in ("regressed", "missing")]
@@ -134,9 +143,10 @@ def check(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of the 
 
 @app.command()
 def baseline(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of the metrics JSON files to pin"),
+             params: Path = typer.Option(Path("params.yaml"), help="the params the run used (the baseline's profile)"),
              out: Path = typer.Option(Path("baselines/ci.json"), help="baseline file to (over)write"),
              policy: Path = typer.Option(Path("metrics_policy.yaml"))) -> None:
-    """Pin the current metrics as the new baseline. Never done silently: commit the file it writes."""
+    """Pin the current metrics, with the params that made them, as a baseline. Commit the file it writes."""
     from dlfer import gate
     from dlfer.files import write_json
 
@@ -146,8 +156,11 @@ def baseline(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of t
     if missing:
         typer.echo(f"baseline: {metrics_dir} lacks {', '.join(missing)}; run the pipeline first", err=True)
         raise typer.Exit(2)
-    write_json(out, values)
-    typer.echo(f"baseline: wrote {len(values)} metrics to {out}; review and commit it")
+    if not params.is_file():
+        typer.echo(f"baseline: {params}: not found; pass --params with the run's params.yaml", err=True)
+        raise typer.Exit(2)
+    write_json(out, {"params": gate.flat_params(yaml.safe_load(params.read_text()) or {}), "metrics": values})
+    typer.echo(f"baseline: wrote {len(values)} metrics and the run's params to {out}; review and commit it")
 
 
 @app.command()

@@ -8,6 +8,11 @@ A policy file names, per metric, the direction that is better and how much worse
 The key is `<metrics file stem>.<key path>`. A metric regresses when it moves the wrong way by
 more than max(abs_tol, rel_tol * |baseline|). A metric missing from the current run is a
 regression too; one missing from the baseline is reported as new and passes.
+
+A baseline belongs to the params (the profile) of the run that made it: the file holds
+{"params": {dotted key: value}, "metrics": {...}}, and the gate only compares a run with a
+baseline made with the same params (keys that only say where inputs live, or how the registry is
+named, aside). It never compares across profiles.
 """
 
 from __future__ import annotations
@@ -73,6 +78,61 @@ def collect_metrics(metrics_dir: str | Path, names: list[str]) -> dict[str, floa
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values[name] = float(value)
     return values
+
+
+# Keys that say where the inputs are or how the result is filed, not what is learned.
+PARAMS_THAT_DO_NOT_CHANGE_METRICS = ("fetch.source", "fetch.sha256", "fetch.source_domain",
+                                     "compare.registered_model", "compare.alias")
+
+
+class BaselineMismatch(ValueError):
+    """No baseline was made with the current run's params; the message names the files and the differences."""
+
+
+def flat_params(params: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of a params.yaml dict, without the keys that do not change metrics."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(flat_params(value, f"{prefix}{key}."))
+        elif f"{prefix}{key}" not in PARAMS_THAT_DO_NOT_CHANGE_METRICS:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def params_differences(baseline: dict, current: dict) -> list[str]:
+    keys = sorted(set(baseline) | set(current))
+    return [f"{key} (baseline {baseline.get(key, 'absent')}, now {current.get(key, 'absent')})"
+            for key in keys if baseline.get(key, "absent") != current.get(key, "absent")]
+
+
+def read_baseline(path: Path) -> dict:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable baseline ({error}); pin it again with `dlfer baseline`") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict) or not isinstance(raw.get("metrics"), dict):
+        raise ValueError(f"{path}: not a baseline with params and metrics (an older format?); pin it again with "
+                         f"`dlfer baseline --params <the run's params.yaml> --out {path}`")
+    return raw
+
+
+def matching_baseline(candidates: list[Path], current_params: dict) -> tuple[Path, dict]:
+    """The baseline among candidates made with current_params, else BaselineMismatch naming each one's differences."""
+    current = flat_params(current_params)
+    reasons = []
+    for path in candidates:
+        baseline = read_baseline(path)
+        differences = params_differences(baseline["params"], current)
+        if not differences:
+            return path, baseline["metrics"]
+        shown = ", ".join(differences[:3]) + (f" and {len(differences) - 3} more" if len(differences) > 3 else "")
+        reasons.append(f"{path} differs in {shown}")
+    if not candidates:
+        reasons.append("there is no baseline file")
+    raise BaselineMismatch("no baseline was made with this run's params, and runs of different params are never "
+                           f"compared: {'; '.join(reasons)}. Check a run of a profile that has a baseline, or pin one "
+                           "for this profile: `dlfer baseline --params params.yaml --out baselines/<profile>.json`")
 
 
 def judge(rules: dict[str, Rule], baseline: dict[str, float], current: dict[str, float]) -> list[Verdict]:
