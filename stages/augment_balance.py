@@ -118,7 +118,6 @@ def main() -> None:
                "after": class_counts(result["train"]["labels"]),
                "augmented_images": int(sum(is_augmented(part["ids"]).sum() for part in result.values())),
                **{f"n_{name}": int(len(part["labels"])) for name, part in result.items()}}
-    metrics["seconds"] = round(time.perf_counter() - started, 2)
     for name, part in result.items():
         with atomic_path(args.out_dir / f"{name}.npz") as temporary:
             with temporary.open("wb") as handle:
@@ -127,7 +126,7 @@ def main() -> None:
     write_json(args.metrics, metrics)
     with tracking.stage_run("augment_balance", {"seed": params.seed, "protocol": protocol,
                                                 **params.section("augment_balance")}, tags={"protocol": protocol}):
-        tracking.log_numeric_metrics(metrics)
+        tracking.log_numeric_metrics({**metrics, "seconds": round(time.perf_counter() - started, 2)})
         mlflow.log_artifact(str(args.samples))
         mlflow.log_artifact(str(args.metrics))
     print(f"augment_balance: {metrics['n_train']} train ({metrics['augmented_images']} augmented), "

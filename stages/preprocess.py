@@ -78,14 +78,13 @@ def main() -> None:
     except (OSError, ValueError, ParamsError) as error:
         sys.exit(f"preprocess: {error}")
     summary["protocol"] = params.preprocess.protocol
-    summary["seconds"] = round(time.perf_counter() - started, 2)
     with atomic_path(args.out) as temporary:
         with temporary.open("wb") as handle:
             np.savez(handle, **dataset)
     write_json(args.metrics, summary)
     with tracking.stage_run("preprocess", {"seed": params.seed, **params.section("preprocess")},
                             tags={"protocol": params.preprocess.protocol}):
-        tracking.log_numeric_metrics(summary)
+        tracking.log_numeric_metrics({**summary, "seconds": round(time.perf_counter() - started, 2)})
         mlflow.log_artifact(str(args.metrics))
     print(f"preprocess: {summary}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import json
 import socket
 import subprocess
 import sys
@@ -86,8 +87,10 @@ def test_a_stage_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):
     project = small_project(tmp_path)
     environment = stage_environment(project)
     environment["MLFLOW_TRACKING_URI"] = mlflow_server
+    launched = time.time()
     result = subprocess.run([sys.executable, "stages/preprocess.py"], cwd=project, env=environment,
                             capture_output=True, text=True, timeout=300)
+    ended = time.time()
     assert result.returncode == 0, result.stderr
 
     import mlflow
@@ -98,6 +101,11 @@ def test_a_stage_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):
     assert run.data.params["protocol"] == "official"
     assert run.data.metrics["n_train"] > 0
     assert [artifact.path for artifact in client.list_artifacts(run.info.run_id)] == ["preprocess.json"]
+    # The run spans the stage's process, from its imports to its end, not only the logging at the end.
+    assert launched * 1000 <= run.info.start_time <= run.info.end_time <= ended * 1000
+    assert (run.info.end_time - run.info.start_time) / 1000 >= run.data.metrics["seconds"] > 0
+    assert "seconds" not in json.loads((project / "metrics" / "preprocess.json").read_text())  # varies: MLflow only
+    assert experiment.tags["mlflow.note.content"] == tracking.EXPERIMENT_DESCRIPTION
 
 
 def test_an_unreachable_server_stops_the_stage_before_any_work(tmp_path):

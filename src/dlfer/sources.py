@@ -379,6 +379,16 @@ def canonical_table(images: list[RawImage]) -> pd.DataFrame:
 SOURCE_METADATA_KEY = b"dlfer.source"
 
 
+def portable_location(location: str, root: Path) -> str:
+    """A local path inside the checkout as a checkout-relative path; URLs, kaggle: handles, outside paths as given."""
+    if not location or "://" in location or location.startswith("kaggle:"):
+        return location
+    try:
+        return str(Path(location).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return location
+
+
 def write_canonical_table(table: pd.DataFrame, path: str | Path, source: str = "") -> None:
     """Write the table as parquet with the fixed schema, atomically; `source` names the copy it came from."""
     arrow_table = pa.Table.from_pandas(table, schema=CANONICAL_SCHEMA, preserve_index=False)

@@ -19,11 +19,19 @@ import contextlib
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import yaml
 
 EXPERIMENT_NAME = "dlfer"
+EXPERIMENT_DESCRIPTION = (
+    "dlfer: the DLFER cascade (EF-FER1 -> EF-FER2) on FER2013, reproduced and audited. One run per DVC stage; "
+    "runs of one pipeline execution share the tags git_commit, dvc_exp_name and data_hash. evaluate runs hold "
+    "the test figures, tagged by variant (with / without EF-FER1) and protocol (official / paper).")
+# When this stage's process began its work (stages import this module first): a stage's run starts here,
+# not when it opens the run after the work, so its duration in the MLflow UI is the stage's.
+PROCESS_STARTED = time.time()
 _DVC_TEMP_MARKER = os.path.join(".dvc", "tmp", "exps")
 _CONFIGURED: set[str] = set()
 HEALTH_TIMEOUT_SECONDS = 5
@@ -103,7 +111,9 @@ def configure() -> str:
             except Exception:  # another stage created it first (parallel queued experiments)
                 if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
                     raise
-        mlflow.set_experiment(EXPERIMENT_NAME)
+        experiment = mlflow.set_experiment(EXPERIMENT_NAME)
+        if experiment.tags.get("mlflow.note.content") != EXPERIMENT_DESCRIPTION:
+            client.set_experiment_tag(experiment.experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
     except Exception as error:  # MLflow and SQLAlchemy raise many kinds for a store that cannot be opened
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise TrackingUnavailable(f"MLflow tracking store {uri} cannot be used ({reason}); fix or unset "
@@ -147,8 +157,13 @@ def stage_run(stage: str, params: dict | None = None, run_name: str | None = Non
 
     configure()
     run_id = resume_run_id if resume_run_id and _continuable(resume_run_id) else None
-    with mlflow.start_run(run_id=run_id, run_name=run_name or stage,
-                          tags={**run_tags(stage), **(tags or {})}) as run:
+    all_tags = {**run_tags(stage), **(tags or {})}
+    if run_id is None:
+        # Created with the process's start time, so the run's duration covers the stage's work.
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+        run_id = mlflow.MlflowClient().create_run(experiment.experiment_id, start_time=int(PROCESS_STARTED * 1000),
+                                                  tags=all_tags, run_name=run_name or stage).info.run_id
+    with mlflow.start_run(run_id=run_id, tags=all_tags) as run:
         if params:
             mlflow.log_params(_flatten(params))  # a continued run gets the same values again, which MLflow allows
         yield run
