@@ -118,13 +118,7 @@ def write_plots(path: Path, history: list[dict]) -> None:
 
 
 def log_model(model, example: np.ndarray) -> None:
-    import mlflow
-    from mlflow.models import infer_signature
-
-    inputs = example[..., np.newaxis].astype(np.float32)
-    signature = infer_signature(inputs, model.predict(inputs, verbose=0))
-    # No input_example: MLflow 3.17's keras flavour writes it before creating the model folder and fails.
-    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=MODEL_REQUIREMENTS)
+    tracking.log_keras_model(model, "model", example[..., np.newaxis].astype(np.float32), MODEL_REQUIREMENTS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -199,6 +193,10 @@ def main(argv: list[str] | None = None) -> None:
                       "tracking_uri": tracking.tracking_uri()}
         # MLflow first: if logging fails, no output claims a run that lacks its model.
         log_model(result.model, val_split[0][:2])
+        data_name = f"FER2013 ({preprocess.protocol} protocol)"
+        tracking.log_dataset(*train_split, f"{data_name} train", arguments.train, "training")
+        tracking.log_dataset(*val_split, f"{data_name} val", arguments.val, "validation")
+        tracking.log_training_curves(result.history, f"finetune {arguments.variant}")
         tracking.log_numeric_metrics({**metrics, "training_seconds": training["seconds"],
                                       "train_images_per_second": training["images_per_second"],
                                       "seconds": round(time.perf_counter() - started, 2)})

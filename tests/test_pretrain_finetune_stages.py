@@ -209,6 +209,14 @@ def test_finetune_with_ef_fer1_writes_model_metrics_plots_and_mlflow_run(trained
     assert run.data.tags["resumed_at_epoch"] == "0" and run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "epoch/val_accuracy")] == [1, 2]
     assert any(client.get_logged_model(output.model_id).name == "model" for output in run.outputs.model_outputs)
+    # The Dataset column: train and val with their digests; the curves; a model with signature and input example.
+    inputs = {item.dataset.name: item for item in run.inputs.dataset_inputs}
+    assert set(inputs) == {"FER2013 (official protocol) train", "FER2013 (official protocol) val"}
+    assert all(item.dataset.digest for item in inputs.values())
+    assert "training_curves.png" in [artifact.path for artifact in client.list_artifacts(run_id)]
+    [output] = run.outputs.model_outputs
+    logged = mlflow.models.get_model_info(f"models:/{output.model_id}")
+    assert logged.signature is not None and logged.saved_input_example_info["type"] == "ndarray"
 
 
 def test_pretrain_none_leaves_nothing_to_transfer_and_finetune_warns(workdir, runs):

@@ -69,6 +69,11 @@ def test_first_model_becomes_champion_from_the_keras_file(store, keras_model_fil
     assert registered_file.read_bytes() == keras_model_file.read_bytes()
 
 
+def test_the_registered_model_has_a_description(store, keras_model_file, tmp_path):
+    register(keras_model_file, 0.5)
+    assert "FER2013" in mlflow.MlflowClient().get_registered_model(MODEL_NAME).description
+
+
 def test_worse_model_does_not_move_the_champion_and_better_one_does(store, keras_model_file):
     register(keras_model_file, 0.50)
     worse = register(keras_model_file, 0.45)

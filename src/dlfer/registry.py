@@ -161,16 +161,26 @@ def _champion_decision(score: float, protocol: str, previous_version: int | None
     return False, f"not promoted: validation macro-F1 {score:.4f} does not beat champion's {previous_score:.4f}"
 
 
+REGISTERED_MODEL_DESCRIPTION = (
+    "EF-FER2: EfficientNet fine-tuned on FER2013 (7 emotions, Kaggle order: angry, disgust, fear, happy, sad, "
+    "surprise, neutral). Input (N, 48, 48, 1) float32 grey pixels 0-255, output (N, 7) softmax. Each version is "
+    "registered by the compare stage of a dlfer run; the alias champion holds the best validation macro-F1, "
+    "candidate the latest run. Its run's model card and test figures are in the finetune and evaluate runs.")
+
+
 def _registered_model(client, model_name: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_registered_model(model_name)
+        registered = client.get_registered_model(model_name)
+        if not registered.description:  # registered before models had a description
+            client.update_registered_model(model_name, description=REGISTERED_MODEL_DESCRIPTION)
+        return registered
     except MlflowException as error:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
     try:
-        return client.create_registered_model(model_name)
+        return client.create_registered_model(model_name, description=REGISTERED_MODEL_DESCRIPTION)
     except MlflowException as error:  # another compare run created it in between
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

@@ -199,3 +199,56 @@ def _flatten(params: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def log_keras_model(model, name: str, example, pip_requirements: list[str]):
+    """mlflow.keras.log_model with a signature and an input example; returns MLflow's ModelInfo.
+
+    MLflow 3.17's keras flavour writes input_example.json before it creates the model folder, so
+    log_model(..., input_example=...) fails with FileNotFoundError. Model.log with a flavour whose
+    save_model creates the folder first is the same call otherwise (checked: the example lands in
+    the logged model and mlflow.keras.load_model reads it back).
+    """
+    import types
+
+    import mlflow
+    from mlflow.models import Model, infer_signature
+
+    def save_model(path, **arguments):
+        os.makedirs(path, exist_ok=True)
+        return mlflow.keras.save_model(path=path, **arguments)
+
+    flavour = types.SimpleNamespace(save_model=save_model, __name__=mlflow.keras.__name__)
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    return Model.log(None, name=name, flavor=flavour, model=model, signature=signature, input_example=example,
+                     pip_requirements=pip_requirements)
+
+
+def log_dataset(images, labels, name: str, source: str | Path, context: str) -> None:
+    """The run's input in MLflow's Dataset column: name, digest of the arrays, where they came from."""
+    import mlflow
+
+    dataset = mlflow.data.from_numpy(images, targets=labels, name=name, source=str(source))
+    mlflow.log_input(dataset, context=context)
+
+
+def log_training_curves(history: list[dict], title: str) -> None:
+    """Accuracy and loss per epoch, training and validation, as training_curves.png in the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    epochs = [row["epoch"] for row in history]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, metric in zip(axes, ("accuracy", "loss")):
+        axis.plot(epochs, [row[metric] for row in history], marker="o", label=f"train {metric}")
+        axis.plot(epochs, [row[f"val_{metric}"] for row in history], marker="o", label=f"val {metric}")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(metric)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    mlflow.log_figure(figure, "training_curves.png")
+    plt.close(figure)
