@@ -215,7 +215,11 @@ def test_finetune_with_ef_fer1_writes_model_metrics_plots_and_mlflow_run(trained
     assert all(item.dataset.digest for item in inputs.values())
     assert "training_curves.png" in [artifact.path for artifact in client.list_artifacts(run_id)]
     [output] = run.outputs.model_outputs
-    logged = mlflow.models.get_model_info(f"models:/{output.model_id}")
+    mlflow.set_tracking_uri(f"sqlite:///{trained / 'mlflow.db'}")
+    try:
+        logged = mlflow.models.get_model_info(f"models:/{output.model_id}")
+    finally:
+        mlflow.set_tracking_uri(None)
     assert logged.signature is not None and logged.saved_input_example_info["type"] == "ndarray"
 
 
