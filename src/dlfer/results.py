@@ -51,13 +51,18 @@ def params_diff(current: dict, baseline: dict) -> dict:
 
 
 def processor_name() -> str:
+    """The processor's model name and its widest vector unit (training speed differs ~2.5x between them)."""
+    name, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    return f"{name} ({vector})" if vector else name
 
 
 def _baseline_params(workspace: Path) -> dict:
