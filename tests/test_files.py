@@ -26,3 +26,18 @@ def test_a_finished_block_replaces_the_folder_and_removes_the_old_one(tmp_path):
         assert (target / "old.txt").exists()  # the old folder is whole until the block ends
     assert [path.name for path in tmp_path.iterdir()] == ["out"]
     assert [path.name for path in target.iterdir()] == ["new.txt"]
+
+
+def test_atomic_path_follows_the_umask_without_changing_it(tmp_path):
+    import os
+
+    from dlfer.files import atomic_path
+
+    previous = os.umask(0o027)
+    try:
+        with atomic_path(tmp_path / "out.txt") as temporary:
+            temporary.write_text("x")
+        assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o640
+        assert os.umask(0o027) == 0o027  # reading it left it as it was
+    finally:
+        os.umask(previous)

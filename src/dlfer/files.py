@@ -15,8 +15,17 @@ import tempfile
 from pathlib import Path
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+def _current_umask() -> int:
+    """The process's umask, read without changing it (Linux reports it in /proc; elsewhere 022)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 @contextlib.contextmanager
@@ -27,7 +36,7 @@ def atomic_path(final_path: str | Path):
     handle, temporary = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".partial", dir=final_path.parent)
     os.close(handle)
     temporary = Path(temporary)
-    os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should be readable like any file
+    os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs should be readable like any file
     try:
         yield temporary
         os.replace(temporary, final_path)
@@ -79,9 +88,6 @@ def _json_default(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def sha256_of_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_of_file(path: str | Path) -> str:
     with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
