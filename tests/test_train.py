@@ -238,3 +238,59 @@ def test_mirrored_distribution_trains_through_model_fit_under_the_strategy(tmp_p
     assert result.epochs_run == 2 and result.history[-1]["val_accuracy"] > 1 / CLASSES
     predicted = result.model.predict(VAL[0][..., None].astype("float32"), verbose=0).argmax(axis=1)
     assert float((predicted == VAL[1]).mean()) == pytest.approx(result.best["val_accuracy"])
+
+
+def test_online_augmentation_is_a_function_of_seed_epoch_and_batch():
+    augmentation = train.OnlineAugmentation(flip=0.5, shift=0.1, rotation=10, zoom=0.1)
+    images, labels = TRAIN
+
+    def batches(epochs, **extra):
+        dataset = train.make_dataset(images, labels, 16, CLASSES, shuffle_seed=3, epochs=epochs, **extra)
+        return [inputs.numpy() for inputs, _ in dataset]
+
+    both = batches(range(2), augmentation=augmentation)
+    assert all(np.array_equal(a, b) for a, b in zip(both, batches(range(2), augmentation=augmentation)))
+    # A run resumed at epoch 1 sees the transforms an uninterrupted one saw there.
+    assert all(np.array_equal(a, b) for a, b in zip(both[6:], batches(range(1, 2), augmentation=augmentation)))
+    plain = batches(range(2))
+    assert not any(np.array_equal(a, b) for a, b in zip(both, plain))
+    mirror_only = batches(range(1), augmentation=train.OnlineAugmentation(flip=1.0, shift=0, rotation=0, zoom=0))
+    assert all(np.array_equal(a[:, :, ::-1], b) for a, b in zip(plain[:6], mirror_only))
+    assert train.OnlineAugmentation(0, 0, 0, 0).active is False and settings().online_augmentation is None
+
+
+def test_progress_within_the_epoch_in_a_terminal_and_one_line_per_epoch_in_a_log(tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys; from test_train import *; "
+              "train.fit_classifier(toy_classifier, TRAIN, VAL, settings(epochs=1), sys.argv[1], CLASSES)")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                                os.environ.get("PYTHONPATH", "")])}
+
+    def output(terminal: bool, folder: str) -> str:
+        command = [sys.executable, "-c", script, str(tmp_path / folder)]
+        if not terminal:
+            return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300).stdout
+        leader, follower = pty.openpty()
+        process = subprocess.Popen(command, stdout=follower, stderr=subprocess.DEVNULL, env=environment)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        process.wait(timeout=300)
+        os.close(leader)
+        return b"".join(chunks).decode(errors="replace")
+
+    in_terminal, in_log = output(True, "tty"), output(False, "log")
+    assert "━" in in_terminal and "6/6" in in_terminal  # Keras' bar: steps done of the epoch's 6
+    assert "━" not in in_log and "6/6 - " in in_log     # one line per epoch

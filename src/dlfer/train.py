@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -295,7 +296,7 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
 def fit_classifier(build_model: Callable[[], keras.Model], train: tuple[np.ndarray, np.ndarray],
                    val: tuple[np.ndarray, np.ndarray], settings: TrainingSettings, checkpoint_dir: str | Path,
                    num_classes: int, *, runtime: tuple[tf.distribute.Strategy, dict] | None = None,
-                   log_to_mlflow: bool = False, callbacks: tuple = (), verbose: int = 2) -> FitResult:
+                   log_to_mlflow: bool = False, callbacks: tuple = (), verbose: int | None = None) -> FitResult:
     """Train the model from build_model() on (images, labels) and return it with its best epoch's weights.
 
     checkpoint_dir keeps the state of the last finished epoch (weights, optimizer, random-seed
@@ -304,6 +305,9 @@ def fit_classifier(build_model: Callable[[], keras.Model], train: tuple[np.ndarr
     never resumes another one's state. It is emptied when training completes.
     """
     strategy, runtime = runtime or configure_runtime(settings)
+    if verbose is None:
+        # A terminal gets Keras' progress bar within the epoch (steps, ETA); logs and CI one line per epoch.
+        verbose = 1 if sys.stdout.isatty() else 2
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         # Keras 3's model.fit fails under this strategy (keras-team/keras#20585): a custom loop instead.
         # Imported here because dlfer.distributed builds on this module.
