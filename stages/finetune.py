@@ -35,7 +35,7 @@ import numpy as np
 from sklearn.metrics import f1_score
 
 from dlfer import model as models
-from dlfer import train, tracking
+from dlfer import distributed, train, tracking
 from dlfer.fer2013 import EMOTIONS, IMAGE_SIDE
 from dlfer.files import atomic_directory, atomic_path, read_json, sha256_of_file, write_json
 from dlfer.params import ParamsError, load_params
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     with run_context as run:
         if run is not None:
             train.record_run(checkpoint_dir, run.info.run_id, tracking.tracking_uri())
-        result = train.fit_classifier(build, train_split, val_split, settings, checkpoint_dir, len(EMOTIONS),
+        result = distributed.fit(build, train_split, val_split, settings, checkpoint_dir, len(EMOTIONS),
                                       runtime=runtime, log_to_mlflow=run is not None)
         if run is None:
             return  # a non-chief worker of multi-worker training: the chief writes every output

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from dlfer import model as models
-from dlfer import train, tracking
+from dlfer import distributed, train, tracking
 from dlfer.files import atomic_directory, sha256_of_file, write_json
 from dlfer.params import ParamsError, load_params
 
@@ -77,7 +77,7 @@ def train_from_scratch(domain: dict, params, checkpoints: Path):
     settings = train.TrainingSettings.from_params(pretrain, params.seed)
     checkpoint_dir = train.keyed_checkpoint_dir(checkpoints, {"seed": params.seed, "pretrain": params.section("pretrain"),
                                                               "data": domain["sha256"]})
-    result = train.fit_classifier(build, (domain["train_images"], domain["train_labels"]),
+    result = distributed.fit(build, (domain["train_images"], domain["train_labels"]),
                                   (domain["val_images"], domain["val_labels"]), settings, checkpoint_dir,
                                   num_classes, log_to_mlflow=True)
     return result.model.get_layer(models.BACKBONE_LAYER), result

@@ -2,7 +2,7 @@
 
 Keras 3's model.fit fails under MultiWorkerMirroredStrategy ("Attempt to convert a value
 (PerReplica...)": keras-team/keras#20585). This module trains the same model the same way without
-it: the optimizer and loss of train.compile_model, train._Progress for per-epoch records, best
+it: the optimizer and loss of train.compile_model, train.Progress for per-epoch records, best
 weights, early stopping, the time budget, MLflow and ReduceLROnPlateau for lr_schedule=plateau,
 all driven by hand around a tf.function train step run with strategy.run.
 
@@ -25,6 +25,24 @@ import tensorflow as tf
 from dlfer import train
 
 
+def fit(build_model: Callable[[], keras.Model], train_split: tuple[np.ndarray, np.ndarray],
+        val_split: tuple[np.ndarray, np.ndarray], settings: train.TrainingSettings, checkpoint_dir: str | Path,
+        num_classes: int, *, runtime: tuple[tf.distribute.Strategy, dict] | None = None,
+        log_to_mlflow: bool = False, callbacks: tuple = (), verbose: int | None = None) -> train.FitResult:
+    """Train with what the strategy needs: this module's loop under MultiWorkerMirroredStrategy, else
+    train.fit_classifier (model.fit, one device or MirroredStrategy). The stages call this."""
+    strategy, runtime_facts = runtime or train.configure_runtime(settings)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return train.fit_classifier(build_model, train_split, val_split, settings, checkpoint_dir, num_classes,
+                                    runtime=(strategy, runtime_facts), log_to_mlflow=log_to_mlflow,
+                                    callbacks=callbacks, verbose=verbose)
+    if callbacks:
+        raise ValueError("Keras callbacks are not supported with distribution: multi_worker")
+    return fit_multi_worker(build_model, train_split, val_split, settings, checkpoint_dir, num_classes,
+                            strategy=strategy, runtime=runtime_facts, log_to_mlflow=log_to_mlflow,
+                            verbose=2 if verbose is None else verbose)
+
+
 def fit_multi_worker(build_model: Callable[[], keras.Model], train_split: tuple[np.ndarray, np.ndarray],
                      val_split: tuple[np.ndarray, np.ndarray], settings: train.TrainingSettings,
                      checkpoint_dir: str | Path, num_classes: int, *, strategy: tf.distribute.Strategy,
@@ -43,7 +61,7 @@ def fit_multi_worker(build_model: Callable[[], keras.Model], train_split: tuple[
                          f"images, got {len(images)}")
     checkpoint_dir = Path(checkpoint_dir) if train.is_chief() else Path(tempfile.mkdtemp(prefix="dlfer-worker-"))
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    train._empty_directory(checkpoint_dir)  # no backup to resume from, so older records would only mislead
+    train.empty_directory(checkpoint_dir)  # no backup to resume from, so older records would only mislead
     with strategy.scope():
         model = build_model()
         train.compile_model(model, settings, steps_per_epoch)
@@ -57,7 +75,7 @@ def fit_multi_worker(build_model: Callable[[], keras.Model], train_split: tuple[
         epochs=range(settings.epochs), augmentation=settings.online_augmentation)))
     val_batches = _distribute(strategy, train.make_dataset(*val_split, settings.batch_size, num_classes))
 
-    progress = train._Progress(checkpoint_dir, settings, len(images), log_to_mlflow and train.is_chief(), {},
+    progress = train.Progress(checkpoint_dir, settings, len(images), log_to_mlflow and train.is_chief(), {},
                                plateau=train.plateau_callback(settings))
     callbacks = keras.callbacks.CallbackList([progress], model=model)
     model.stop_training = False
@@ -98,7 +116,7 @@ def fit_multi_worker(build_model: Callable[[], keras.Model], train_split: tuple[
     result = train.FitResult(model=best, history=progress.history, best_epoch=progress.best_epoch,
                              stopped_by=progress.stopped_by, resumed_at_epoch=0, seconds=progress.seconds,
                              train_images_per_second=progress.images_per_second(), runtime=runtime)
-    train._empty_directory(checkpoint_dir)
+    train.empty_directory(checkpoint_dir)
     return result
 
 
@@ -114,7 +132,7 @@ def _distribute(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset) -> t
     return strategy.experimental_distribute_dataset(dataset.with_options(options))
 
 
-def _agree_to_stop(step: "_StepFunctions", progress: train._Progress, model: keras.Model) -> bool:
+def _agree_to_stop(step: "_StepFunctions", progress: train.Progress, model: keras.Model) -> bool:
     """Whether any worker wants to stop; then all do, at the same step.
 
     Early stopping depends on validation metrics, which are identical on every worker; the time

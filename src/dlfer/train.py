@@ -5,7 +5,8 @@ feeds it numpy arrays through tf.data, and adds what a pipeline stage needs: bes
 selection on the validation split, early stopping, a wall-clock budget, resumption after a
 crash that ends where an uninterrupted run ends, per-epoch records for MLflow and DVC plots,
 and determinism on CPU. Under
-MultiWorkerMirroredStrategy, where model.fit fails, dlfer.distributed trains with a custom loop.
+MultiWorkerMirroredStrategy, where model.fit fails, dlfer.distributed trains with a custom loop;
+dlfer.distributed.fit picks the one the strategy needs (this module never imports that one).
 """
 
 from __future__ import annotations
@@ -309,14 +310,9 @@ def fit_classifier(build_model: Callable[[], keras.Model], train: tuple[np.ndarr
         # A terminal gets Keras' progress bar within the epoch (steps, ETA); logs and CI one line per epoch.
         verbose = 1 if sys.stdout.isatty() else 2
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        # Keras 3's model.fit fails under this strategy (keras-team/keras#20585): a custom loop instead.
-        # Imported here because dlfer.distributed builds on this module.
-        from dlfer.distributed import fit_multi_worker
-
-        if callbacks:
-            raise ValueError("Keras callbacks are not supported with distribution: multi_worker")
-        return fit_multi_worker(build_model, train, val, settings, checkpoint_dir, num_classes, strategy=strategy,
-                                runtime=runtime, log_to_mlflow=log_to_mlflow, verbose=verbose)
+        # Keras 3's model.fit fails under this strategy (keras-team/keras#20585).
+        raise ValueError("fit_classifier cannot train under MultiWorkerMirroredStrategy; "
+                         "dlfer.distributed.fit trains it with a custom loop")
     checkpoint_dir = Path(checkpoint_dir)
     if not is_chief():
         # Workers other than the chief train in lockstep but must not write the shared state.
@@ -331,7 +327,7 @@ def fit_classifier(build_model: Callable[[], keras.Model], train: tuple[np.ndarr
             model = build_model()
             compile_model(model, settings, steps_per_epoch, jit_compile=runtime["jit_compile"])
             state = _restore(model, checkpoint_dir)
-        progress = _Progress(checkpoint_dir, settings, len(train_images), log_to_mlflow and is_chief(), state,
+        progress = Progress(checkpoint_dir, settings, len(train_images), log_to_mlflow and is_chief(), state,
                              plateau=plateau_callback(settings), backup=True)
         progress.log_missing_epochs()
         class_weight = None
@@ -356,7 +352,7 @@ def fit_classifier(build_model: Callable[[], keras.Model], train: tuple[np.ndarr
                        stopped_by=progress.stopped_by, resumed_at_epoch=progress.resumed_at_epoch,
                        seconds=progress.seconds, train_images_per_second=progress.images_per_second(),
                        runtime=runtime)
-    _empty_directory(checkpoint_dir)
+    empty_directory(checkpoint_dir)
     return result
 
 
@@ -391,7 +387,7 @@ def _loss(settings: TrainingSettings) -> keras.losses.Loss:
 
 
 def plateau_callback(settings: TrainingSettings) -> keras.callbacks.ReduceLROnPlateau | None:
-    """ReduceLROnPlateau for lr_schedule=plateau, else None; _Progress drives it and keeps its state."""
+    """ReduceLROnPlateau for lr_schedule=plateau, else None; Progress drives it and keeps its state."""
     if settings.lr_schedule != "plateau":
         return None
     # mode spelled out: "auto" looks for the metric among those fit would have built (the custom loop builds none).
@@ -400,7 +396,7 @@ def plateau_callback(settings: TrainingSettings) -> keras.callbacks.ReduceLROnPl
                                              factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE, verbose=0)
 
 
-def _empty_directory(directory: Path) -> None:
+def empty_directory(directory: Path) -> None:
     for path in sorted(directory.rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
 
@@ -446,7 +442,7 @@ def _weights_name(epoch: int) -> str:
     return f"epoch{epoch}.weights.h5"
 
 
-class _Progress(keras.callbacks.Callback):
+class Progress(keras.callbacks.Callback):
     """Per-epoch records, best weights, early stopping, the time budget and the plateau schedule, all
     surviving a restart.
 
