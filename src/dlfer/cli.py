@@ -217,15 +217,18 @@ app.add_typer(results_app, name="results")
 @results_app.command("save")
 def results_save(name: str = typer.Argument(..., help="folder name under docs/results, e.g. lite0_cpu"),
                  workspace: Path = typer.Option(Path("."), help="the finished run's checkout"),
-                 out: Path = typer.Option(Path("docs/results"), help="where saved runs live")) -> None:
+                 out: Path = typer.Option(Path("docs/results"), help="where saved runs live"),
+                 variant: list[str] = typer.Option(None, help="the variants the run trained (default: both); "
+                                                              "e.g. --variant with_ef_fer1 after `dvc exp run "
+                                                              "... evaluate@with_ef_fer1`")) -> None:
     """Save a finished run: its metrics, the params that differ from git HEAD's, training time and speed."""
-    from dlfer.results import ResultsError, save
+    from dlfer.results import VARIANTS, ResultsError, save
 
     if not name.replace("_", "").replace("-", "").isalnum():
         typer.echo(f"results save: {name!r}: use letters, digits, - and _", err=True)
         raise typer.Exit(1)
     try:
-        typer.echo(f"results save: wrote {save(name, workspace, out)}")
+        typer.echo(f"results save: wrote {save(name, workspace, out, tuple(variant) if variant else VARIANTS)}")
     except ResultsError as error:
         typer.echo(f"results save: {error}", err=True)
         raise typer.Exit(1)

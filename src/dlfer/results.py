@@ -70,9 +70,9 @@ def _baseline_params(workspace: Path) -> dict:
     return yaml.safe_load(shown.stdout) or {} if shown.returncode == 0 else {}
 
 
-def training_facts(workspace: Path) -> dict:
+def training_facts(workspace: Path, variants: tuple[str, ...] = VARIANTS) -> dict:
     facts = {"processor": processor_name(), "cpus": len(os.sched_getaffinity(0))}
-    for variant in VARIANTS:
+    for variant in variants:
         provenance = workspace / "models" / "finetune" / variant / "provenance.json"
         if provenance.is_file():
             recorded = json.loads(provenance.read_text())
@@ -80,8 +80,23 @@ def training_facts(workspace: Path) -> dict:
     return facts
 
 
-def save(name: str, workspace: Path, out_root: Path) -> Path:
-    """Copy a finished run's metrics, params diff and training facts into out_root/name (replacing it whole)."""
+def _belongs_to_run(path: Path, variants: tuple[str, ...]) -> bool:
+    """Whether a metrics file comes from the run's stages: a variant left out (a run of one variant's
+    stages) leaves its files, and compare's, from an earlier run in the workspace."""
+    left_out = [variant for variant in VARIANTS if variant not in variants]
+    if left_out and path.stem == "compare":
+        return False
+    return not any(path.stem.endswith(f"_{variant}") for variant in left_out)
+
+
+def save(name: str, workspace: Path, out_root: Path, variants: tuple[str, ...] = VARIANTS) -> Path:
+    """Copy a finished run's metrics, params diff and training facts into out_root/name (replacing it whole).
+
+    variants: the ablation variants the run trained (a run of `evaluate@with_ef_fer1` alone trains one).
+    """
+    unknown = set(variants) - set(VARIANTS)
+    if unknown or not variants:
+        raise ResultsError(f"variants {sorted(unknown) or '(none)'}: choose from {', '.join(VARIANTS)}")
     metrics_dir = workspace / "metrics"
     evaluated = metrics_dir / "evaluate_with_ef_fer1.json"
     if not evaluated.is_file():
@@ -90,13 +105,14 @@ def save(name: str, workspace: Path, out_root: Path) -> Path:
     with atomic_directory(out_root / name) as temporary:
         (temporary / "metrics").mkdir()
         for path in sorted(metrics_dir.glob("*.json")):
-            shutil.copyfile(path, temporary / "metrics" / path.name)
+            if _belongs_to_run(path, variants):
+                shutil.copyfile(path, temporary / "metrics" / path.name)
         (temporary / "params.diff.yaml").write_text(
             "# params that differ from the baseline params.yaml (git HEAD) in this run\n"
             + yaml.safe_dump(params_diff(params, _baseline_params(workspace)), sort_keys=True))
-        write_json(temporary / "training.json", training_facts(workspace))
+        write_json(temporary / "training.json", training_facts(workspace, variants))
         card = workspace / "reports" / "model_card.md"
-        if card.is_file():
+        if card.is_file() and variants == VARIANTS:  # the card describes both variants
             shutil.copyfile(card, temporary / "model_card.md")
     return out_root / name
 
