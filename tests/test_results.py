@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,8 +94,9 @@ def test_a_run_of_one_variant_leaves_the_other_variants_files_behind(tmp_path):
 def test_saving_an_unfinished_run_fails_in_one_line_and_keeps_the_saved_one(saved, tmp_path):
     before = (saved / "lite0_cpu" / "metrics" / "evaluate_with_ef_fer1.json").read_text()
     (tmp_path / "empty" / "metrics").mkdir(parents=True)
-    finished = subprocess.run(["dlfer", "results", "save", "lite0_cpu", "--workspace", str(tmp_path / "empty"),
-                               "--out", str(saved)], capture_output=True, text=True, timeout=120)
+    finished = subprocess.run([sys.executable, "-m", "dlfer.cli", "results", "save", "lite0_cpu",
+                               "--workspace", str(tmp_path / "empty"), "--out", str(saved)],
+                              capture_output=True, text=True, timeout=120)
     assert finished.returncode == 1
     assert "evaluate_with_ef_fer1.json: not found; finish the run" in finished.stderr
     assert "Traceback" not in finished.stderr
