@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from dlfer.files import atomic_directory, atomic_path, write_json
+from dlfer.tracking import flatten
 
 VARIANTS = ("with_ef_fer1", "without_ef_fer1")
 LABELS = {"with_ef_fer1": "EF-FER2 from EF-FER1", "without_ef_fer1": "EF-FER2 from random init"}
@@ -34,19 +35,9 @@ class ResultsError(ValueError):
     """A run to save or a saved run is incomplete; the message names the file and the fix."""
 
 
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def params_diff(current: dict, baseline: dict) -> dict:
     """Dotted keys whose value in current differs from baseline (keys only in current included)."""
-    now, before = _flatten(current), _flatten(baseline)
+    now, before = flatten(current), flatten(baseline)
     return {key: value for key, value in sorted(now.items()) if before.get(key, object()) != value}
 
 

@@ -165,7 +165,7 @@ def stage_run(stage: str, params: dict | None = None, run_name: str | None = Non
                                                   tags=all_tags, run_name=run_name or stage).info.run_id
     with mlflow.start_run(run_id=run_id, tags=all_tags) as run:
         if params:
-            mlflow.log_params(_flatten(params))  # a continued run gets the same values again, which MLflow allows
+            mlflow.log_params(flatten(params))  # a continued run gets the same values again, which MLflow allows
         yield run
 
 
@@ -186,16 +186,17 @@ def log_numeric_metrics(metrics: dict, step: int | None = None) -> None:
     """Log the numeric entries of a (possibly nested) metrics dict; text entries belong in tags or artifacts."""
     import mlflow
 
-    numeric = {key: float(value) for key, value in _flatten(metrics).items()
+    numeric = {key: float(value) for key, value in flatten(metrics).items()
                if isinstance(value, (int, float)) and not isinstance(value, bool)}
     mlflow.log_metrics(numeric, step=step)
 
 
-def _flatten(params: dict, prefix: str = "") -> dict:
+def flatten(params: dict, prefix: str = "") -> dict:
+    """A nested dict as {dotted key: value}: MLflow params, metrics and params diffs."""
     flat = {}
     for key, value in params.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
