@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from dlfer.files import atomic_directory, atomic_path, write_json
+from dlfer.files import atomic_directory, atomic_path, read_json, write_json
 from dlfer.tracking import flatten
 
 VARIANTS = ("with_ef_fer1", "without_ef_fer1")
@@ -109,10 +109,13 @@ def save(name: str, workspace: Path, out_root: Path, variants: tuple[str, ...] =
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    """A saved run's JSON file; training.json may be absent, a broken file is an error naming it."""
+    if not path.is_file():
         return {}
+    try:
+        return read_json(path)
+    except ValueError as error:
+        raise ResultsError(f"{path}: not valid JSON ({error}); save the run again with `dlfer results save`") from None
 
 
 def load_runs(root: Path) -> dict[str, dict]:
