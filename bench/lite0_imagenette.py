@@ -18,7 +18,7 @@ import keras
 import numpy as np
 from PIL import Image
 
-from dlfer.lite0 import IMAGENETTE_IMAGENET_INDEX, build_efficientnet_lite0, load_imagenet_weights
+from dlfer.model.lite0 import IMAGENETTE_IMAGENET_INDEX, build_efficientnet_lite0, load_imagenet_weights
 
 DEFAULT_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "imagenette" / "imagenette-128.zip"
 

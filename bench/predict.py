@@ -1,6 +1,6 @@
 """Faces/s of `dlfer predict`, detection and classification timed apart, beside the `fer` package.
 
-Detection: OpenCV's Haar cascade (dlfer.faces) on composite photos, 600x900 pixels with six
+Detection: OpenCV's Haar cascade (dlfer.deploy.faces) on composite photos, 600x900 pixels with six
 FER2013 PrivateTest faces enlarged to 144 pixels on each; faces/s counts the faces found, and
 recall says how many of the pasted faces were found.
 Classification: PrivateTest crops (48x48, as stored) in batches, through the Keras model and each
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dlfer import faces, predict
-from dlfer.export import FILE_NAMES
+from dlfer.deploy import faces, predict
+from dlfer.deploy.export import FILE_NAMES
 from dlfer.fer2013 import EMOTIONS, LABEL_OF_EMOTION
 
 FER2013_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fer2013" / "fer2013.zip"

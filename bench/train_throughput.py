@@ -1,6 +1,6 @@
 """Training images/s of EF-FER2 fed by the real input pipeline vs. by in-memory synthetic batches.
 
-The real pipeline is the finetune stage's: uint8 arrays from an npz, through dlfer.train.make_dataset
+The real pipeline is the finetune stage's: uint8 arrays from an npz, through dlfer.model.train.make_dataset
 (shuffle, batch, parallel cast and one-hot, prefetch). The synthetic feed repeats one batch that
 is already a float tensor, so it costs nothing per step. Their ratio is what the input pipeline
 costs (goal: under 5%, i.e. a ratio above 0.95). The first steps (tracing) are not timed, and the
@@ -26,9 +26,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from dlfer import model as models
-from dlfer import train
 from dlfer.fer2013 import EMOTIONS
+from dlfer.model import backbones, train
 
 FER2013_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fer2013" / "fer2013.zip"
 WARMUP_STEPS = 2
@@ -74,7 +73,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurements of each feed")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--backbone", default="efficientnet_b3", choices=models.BACKBONES)
+    parser.add_argument("--backbone", default="efficientnet_b3", choices=backbones.BACKBONES)
     arguments = parser.parse_args()
     default_train = Path("data/balanced/train.npz")
     path = arguments.train or (default_train if default_train.is_file() else None)
@@ -86,7 +85,7 @@ def main() -> None:
     print(f"{'size':>5} {'pipeline img/s':>15} {'synthetic img/s':>16} {'ratio':>6}")
     for size in arguments.sizes:
         keras.utils.set_random_seed(0)
-        model = models.build_classifier(arguments.backbone, size, 3, 0.2)
+        model = backbones.build_classifier(arguments.backbone, size, 3, 0.2)
         train.compile_model(model, settings, steps_per_epoch=1)
         real = train.make_dataset(images, labels, arguments.batch_size, len(EMOTIONS), shuffle_seed=0).repeat()
         batch = next(iter(real))

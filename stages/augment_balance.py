@@ -26,7 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dlfer import augment, splits, tracking  # noqa: E402
+from dlfer import tracking  # noqa: E402
+from dlfer.data import augment, splits
 from dlfer.fer2013 import EMOTIONS  # noqa: E402
 from dlfer.files import atomic_path, write_json  # noqa: E402
 from dlfer.params import ParamsError, load_params  # noqa: E402

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import typer
 
-from dlfer import compare, registry
+from dlfer.evaluation import compare, registry
 from dlfer.files import atomic_path, write_json
-from dlfer.params import load_params
+from dlfer.params import VARIANTS, load_params
 from dlfer.tracking import EXPERIMENT_NAME, configure, log_numeric_metrics, stage_run
 
 REGISTERED_VARIANT = "with_ef_fer1"  # the paper's DLFER
@@ -38,15 +38,15 @@ def draw_chart(path: Path, references: compare.References, stage_metrics: dict, 
     import matplotlib.pyplot as plt
 
     bars = []  # (label, value in %, (minus, plus) error or None, colour)
-    for variant in compare.VARIANTS:
+    for variant in VARIANTS:
         bars.append((f"paper's claim (augmented random split): {compare.VARIANT_LABELS[variant]}",
                      references.claims["ablation"][variant]["test_accuracy"], None, "tab:red"))
     measured = [(f"this run ({protocol})", stage_metrics["evaluate"][variant], variant, "tab:blue")
-                for variant in compare.VARIANTS]
+                for variant in VARIANTS]
     # The latest run under the other protocol, from MLflow: the protocol's effect, as measured.
     other_protocol = "official" if protocol == "paper" else "paper"
     measured += [(f"latest run ({other_protocol})", protocol_runs[(other_protocol, variant)]["metrics"], variant,
-                  "tab:orange") for variant in compare.VARIANTS if protocol_runs.get((other_protocol, variant))]
+                  "tab:orange") for variant in VARIANTS if protocol_runs.get((other_protocol, variant))]
     for label, values, variant, colour in measured:
         if "test_accuracy" not in values:
             continue

@@ -7,7 +7,7 @@ Reads   <model>/model.keras          Keras model: (N,48,48,1) raw pixels 0-255 -
         <train>                     data/balanced/train.npz: only its ids, to find test faces seen in training
         <audit>                     data/validated/audit.parquet: validate's exact / perceptual duplicate groups
 Writes  <metrics>                   metrics/evaluate_<variant>.json (flat numbers; the same dict goes to MLflow),
-                                    with the leak (dlfer.leak): test images with a sibling in train, and
+                                    with the leak (dlfer.evaluation.leak): test images with a sibling in train, and
                                     accuracy on those with one and on those without
         <reports>/predictions.csv   id, actual, predicted (emotion names), probability_<emotion> x 7,
                                     train_sibling (none | augmented | duplicate | both)
@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 import typer
 
-from dlfer import leak, metrics
+from dlfer.evaluation import leak, metrics
+from dlfer.evaluation.registry import finetune_run_id
 from dlfer.fer2013 import EMOTIONS, IMAGE_SIDE
 from dlfer.files import atomic_directory, sha256_of_file, write_json
 from dlfer.params import load_params
-from dlfer.registry import finetune_run_id
 from dlfer.tracking import configure, log_numeric_metrics, stage_run
 
 # Inference batch size changes speed, never results (no layer mixes images at inference time).

@@ -3,7 +3,7 @@
 Reads:   params.yaml `fetch` (source, sha256, source_domain, source_domain_size, source_domain_per_class)
          and `seed` (which source-domain train images are kept); the FER2013 source named by
          fetch.source (for `auto`: $DLFER_FER2013, data/external/, the kagglehub cache; see
-         dlfer.sources) and the ImageNet-layout set named by fetch.source_domain (for `auto`:
+         dlfer.data.sources) and the ImageNet-layout set named by fetch.source_domain (for `auto`:
          $DLFER_SOURCE_DOMAIN, then data/external/imagenette*.zip).
 Writes:  --out                data/raw/fer2013.parquet, one row per image (CONTEXT.md schema)
          --source-domain-out  data/raw/source_domain.npz; when fetch.source_domain is "" or `auto`
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from dlfer import sources
+from dlfer.data import sources
 from dlfer.fer2013 import EMOTIONS, USAGES
 from dlfer.files import write_json
 from dlfer.params import ParamsError, load_params

@@ -34,13 +34,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score
 
-from dlfer import model as models
-from dlfer import distributed, train, tracking
+from dlfer import tracking
 from dlfer.fer2013 import EMOTIONS, IMAGE_SIDE
 from dlfer.files import atomic_directory, atomic_path, read_json, sha256_of_file, write_json
-from dlfer.params import ParamsError, load_params
+from dlfer.model import backbones, distributed, train
+from dlfer.params import VARIANTS, ParamsError, load_params
 
-VARIANTS = ("with_ef_fer1", "without_ef_fer1")
 PREDICT_BATCH_SIZE = 256
 # What the logged MLflow model needs; listing it skips MLflow's slow requirement inference.
 MODEL_REQUIREMENTS = ["tensorflow", "keras"]
@@ -89,7 +88,7 @@ def pretrained_backbone(variant: str, params, pretrained_dir: Path):
     weights_path = pretrained_dir / "backbone.weights.h5"
     if not weights_path.is_file():
         raise FinetuneInputError(f"{weights_path}: not found; rerun `dvc repro pretrain`")
-    source = models.build_backbone(provenance["backbone"], params.preprocess.image_size,
+    source = backbones.build_backbone(provenance["backbone"], params.preprocess.image_size,
                                    channels=provenance.get("channels", 3))
     source.load_weights(weights_path)
     return source, {"initialisation": f"EF-FER1 ({provenance['source']})",
@@ -143,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
         runtime = train.configure_runtime(settings)  # first: multi-worker training must precede other TF work
         if not arguments.audit.is_file():
             raise FinetuneInputError(f"{arguments.audit}: not found; run `dvc repro validate` first")
-        if params.finetune.backbone not in models.BACKBONES:
+        if params.finetune.backbone not in backbones.BACKBONES:
             raise ParamsError(f"params.yaml: finetune.backbone is {params.finetune.backbone!r}; choose one of "
-                              f"{', '.join(models.BACKBONES)}")
+                              f"{', '.join(backbones.BACKBONES)}")
         train_split, val_split = load_split(arguments.train), load_split(arguments.val)
         source, initialisation = pretrained_backbone(arguments.variant, params, arguments.pretrained)
     except (OSError, ValueError) as error:
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                                                 {**logged_params, **data_hashes, **initialisation})
 
     def build():
-        return models.build_classifier(finetune.backbone, preprocess.image_size, preprocess.channels,
+        return backbones.build_classifier(finetune.backbone, preprocess.image_size, preprocess.channels,
                                        finetune.dropout, pretrained_backbone=source)
 
     # A killed run left its MLflow run RUNNING and its id beside its training state: continue that run.

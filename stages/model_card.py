@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dlfer.model_card import write_model_card
+from dlfer.evaluation.model_card import write_model_card
 from dlfer.tracking import configure, stage_run
 
 

@@ -22,7 +22,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from dlfer import splits, tracking
+from dlfer import tracking
+from dlfer.data import splits
 from dlfer.files import atomic_path, write_json
 from dlfer.params import ParamsError, load_params
 

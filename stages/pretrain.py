@@ -18,7 +18,7 @@ pretrain.source:
             EF-FER1 on ImageNet; offline we use Imagenette, ten ImageNet classes) at pretrain.image_size;
             the metric is source-domain validation accuracy
   imagenet  Keras' published ImageNet weights (downloaded, or pretrain.weights_file on offline
-            machines); for efficientnet_lite0 the converted TF weights of dlfer.lite0
+            machines); for efficientnet_lite0 the converted TF weights of dlfer.model.lite0
   none      nothing to transfer: EF-FER2 starts from random weights (the ablation)
 """
 
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dlfer import model as models
-from dlfer import distributed, train, tracking
+from dlfer import tracking
 from dlfer.files import atomic_directory, sha256_of_file, write_json
+from dlfer.model import backbones, distributed, train
 from dlfer.params import ParamsError, load_params
 
 # Dropout of the temporary head, as keras.applications' EfficientNet-B0 top; it is thrown away afterwards.
@@ -71,7 +71,7 @@ def train_from_scratch(domain: dict, params, checkpoints: Path):
     stored_size = domain["train_images"].shape[1]
 
     def build():
-        return models.build_pretrain_classifier(pretrain.backbone, pretrain.image_size, num_classes,
+        return backbones.build_pretrain_classifier(pretrain.backbone, pretrain.image_size, num_classes,
                                                 PRETRAIN_HEAD_DROPOUT, input_size=stored_size)
 
     settings = train.TrainingSettings.from_params(pretrain, params.seed)
@@ -80,7 +80,7 @@ def train_from_scratch(domain: dict, params, checkpoints: Path):
     result = distributed.fit(build, (domain["train_images"], domain["train_labels"]),
                                   (domain["val_images"], domain["val_labels"]), settings, checkpoint_dir,
                                   num_classes, log_to_mlflow=True)
-    return result.model.get_layer(models.BACKBONE_LAYER), result
+    return result.model.get_layer(backbones.BACKBONE_LAYER), result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> None:
         if not arguments.audit.is_file():
             raise PretrainInputError(f"{arguments.audit}: not found; run `dvc repro validate` first")
         pretrain = params.pretrain
-        if pretrain.backbone not in models.BACKBONES:
+        if pretrain.backbone not in backbones.BACKBONES:
             raise ParamsError(f"params.yaml: pretrain.backbone is {pretrain.backbone!r}; choose one of "
-                              f"{', '.join(models.BACKBONES)}")
+                              f"{', '.join(backbones.BACKBONES)}")
         domain = None
         if pretrain.source == "scratch":
             domain = load_source_domain(arguments.source_domain)
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
                                             "resumed_at_epoch": result.resumed_at_epoch})
             elif pretrain.source == "imagenet":
                 weights = pretrain.weights_file or "imagenet"
-                backbone = models.build_backbone(pretrain.backbone, pretrain.image_size)
-                provenance["weights"] = models.load_backbone_weights(backbone, pretrain.backbone, weights)
+                backbone = backbones.build_backbone(pretrain.backbone, pretrain.image_size)
+                provenance["weights"] = backbones.load_backbone_weights(backbone, pretrain.backbone, weights)
         except (OSError, ValueError) as error:
             sys.exit(f"pretrain: {error}")
         if backbone is not None:

@@ -9,7 +9,7 @@ Writes:  --reports  reports/validate/: report.md (critical failures, class x usa
                     gx_expectation_suite.json (the great-expectations run)
          --audit    data/validated/audit.parquet, one row per image_id: blank, pixel_std, phash,
                     exact_group, near_group, cross_usage_exact/near/duplicate, duplicate_of_eval,
-                    label_conflict, label_conflict_near (see dlfer.validation.audit_images)
+                    label_conflict, label_conflict_near (see dlfer.data.validation.audit_images)
          --metrics  metrics/validate.json: the counts, `critical_failures` and `passed`
 MLflow:  run "validate" with params validate.*, the numeric metrics and reports/validate/ as artifacts.
 Exit:    0 when the table passed. 1 on critical failures (schema or type errors, labels outside
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from dlfer import validation
+from dlfer.data import validation
 from dlfer.files import atomic_directory, atomic_path, write_json
 from dlfer.params import ParamsError, load_params
 from dlfer.tracking import configure, log_numeric_metrics, stage_run

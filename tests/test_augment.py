@@ -1,6 +1,6 @@
 import numpy as np
 
-from dlfer import augment
+from dlfer.data import augment
 
 PAPER = augment.AugmentSettings(rotation_degrees=10, zoom=0.2, shift=0.1, horizontal_flip=0.5, fill_mode="nearest")
 IDENTITY = augment.AugmentSettings(rotation_degrees=0, zoom=0, shift=0, horizontal_flip=0, fill_mode="nearest")

@@ -1,7 +1,7 @@
 """Multi-worker training: two CPU workers of the real finetune stage on 127.0.0.1 (TF_CONFIG).
 
 Keras 3's model.fit cannot train under MultiWorkerMirroredStrategy (keras-team/keras#20585), so
-finetune trains with dlfer.distributed's custom loop there. Both workers must finish, and only the
+finetune trains with dlfer.model.distributed's custom loop there. Both workers must finish, and only the
 chief (worker 0) may write the stage's outputs and log to MLflow.
 """
 
@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import PROJECT, stage_environment
-from dlfer import train
+from dlfer.model import train
 
 
 def free_ports(count: int) -> list[int]:

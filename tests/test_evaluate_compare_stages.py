@@ -15,9 +15,9 @@ import yaml
 
 from conftest import migrated_mlflow_store, stage_environment
 from dlfer.fer2013 import EMOTIONS
+from dlfer.params import VARIANTS
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-VARIANTS = ("with_ef_fer1", "without_ef_fer1")
 N_TEST = 70
 
 

@@ -10,8 +10,8 @@ import typer
 from typer.testing import CliRunner
 
 from conftest import FER2013_ZIP, require
-from dlfer import export, predict
-from dlfer.cli_model import register
+from dlfer.cli.model import register
+from dlfer.deploy import export, predict
 from dlfer.fer2013 import LABEL_OF_EMOTION
 
 TRAIN_IMAGES = 4000  # about 30% PrivateTest accuracy after 6 epochs (10 s): far from constant

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import FER2013_ZIP, require
-from dlfer import faces
+from dlfer.deploy import faces
 
 FACE_SIDE_ON_CANVAS = 144  # FER2013 crops upscaled 3x: a face of ordinary photo size
 

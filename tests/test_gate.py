@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from dlfer import gate
+from dlfer.evaluation import gate
 
 PARAMS = "seed: 42\nfetch: {source: auto}\nfinetune: {epochs: 2}\n"
 POLICY = """

@@ -1,9 +1,9 @@
-"""dlfer.leak: which test faces training has already seen, as an augmented copy or a duplicate."""
+"""dlfer.evaluation.leak: which test faces training has already seen, as an augmented copy or a duplicate."""
 
 import numpy as np
 import pandas as pd
 
-from dlfer import leak
+from dlfer.evaluation import leak
 
 
 def audit(groups: dict[str, tuple[int, int]]) -> pd.DataFrame:

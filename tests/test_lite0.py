@@ -1,4 +1,4 @@
-"""Tests for dlfer.lite0: the Keras EfficientNet-Lite0 and its converted ImageNet weights.
+"""Tests for dlfer.model.lite0: the Keras EfficientNet-Lite0 and its converted ImageNet weights.
 
 The conversion is proved two ways: the Keras model reproduces the logits of the package
 authors' own PyTorch model (fixture made by tests/fixtures/torch_legacy/make_fixtures.py), and
@@ -15,11 +15,11 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import IMAGENETTE_ZIP, require
 from PIL import Image
 
-from dlfer import lite0
-from dlfer.lite0 import (
+from conftest import IMAGENETTE_ZIP, require
+from dlfer.model import lite0
+from dlfer.model.lite0 import (
     IMAGENETTE_IMAGENET_INDEX,
     build_efficientnet_lite0,
     cached_imagenet_model,

@@ -7,7 +7,7 @@ import sys
 # As a stage starts: dlfer first, then TensorFlow, then training's runtime set-up, then a tf.data
 # pipeline and a tiny fit (where TensorFlow logs cuInit failures and graph warnings on a CPU).
 SCRIPT = """
-from dlfer import train
+from dlfer.model import train
 import numpy as np
 import keras
 settings = train.TrainingSettings(epochs=1, batch_size=4, learning_rate=0.01, seed=0)

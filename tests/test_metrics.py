@@ -1,10 +1,10 @@
-"""dlfer.metrics against scikit-learn on fixed arrays and against cases worked by hand."""
+"""dlfer.evaluation.metrics against scikit-learn on fixed arrays and against cases worked by hand."""
 
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from dlfer import metrics
+from dlfer.evaluation import metrics
 from dlfer.fer2013 import EMOTIONS
 
 # Worked by hand below: 3 classes, 5 images, 3 correct.

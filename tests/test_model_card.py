@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import PROJECT, stage_environment
-from dlfer import metrics, model_card
+from dlfer.evaluation import metrics, model_card
 from dlfer.fer2013 import EMOTIONS
 
 
@@ -22,7 +22,7 @@ def write_json(path, data):
 
 @pytest.fixture
 def pipeline(tmp_path):
-    """A finished run's files: evaluate metrics and per-class table from dlfer.metrics on toy predictions."""
+    """A finished run's files: evaluate metrics and per-class table from dlfer.evaluation.metrics on toy predictions."""
     shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 7, 700)

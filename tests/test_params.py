@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dlfer.cli import apply_overrides, load_profile
+from dlfer.cli.app import apply_overrides, load_profile
 from dlfer.params import ParamsError, load_params
 
 REPOSITORY = Path(__file__).resolve().parents[1]

@@ -6,15 +6,14 @@ import shutil
 import subprocess
 import sys
 
+import browser
 import numpy as np
 from typer.testing import CliRunner
 
-import browser
 from conftest import PROJECT
-from dlfer.cli import app
+from dlfer.cli.app import app
 from dlfer.fer2013 import EMOTIONS
-
-VARIANTS = ("with_ef_fer1", "without_ef_fer1")
+from dlfer.params import VARIANTS
 
 
 def plots_project(root):

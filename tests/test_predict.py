@@ -11,8 +11,8 @@ import typer
 from typer.testing import CliRunner
 
 from conftest import FER2013_ZIP, migrated_mlflow_store, require
-from dlfer import faces, predict
-from dlfer.cli_model import register
+from dlfer.cli.model import register
+from dlfer.deploy import faces, predict
 from dlfer.fer2013 import EMOTIONS
 
 PASTE_SIDE = 144

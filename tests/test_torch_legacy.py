@@ -1,4 +1,4 @@
-"""Tests for dlfer.torch_legacy, the torch-free reader of legacy-format PyTorch state dicts.
+"""Tests for dlfer.model.torch_legacy, the torch-free reader of legacy-format PyTorch state dicts.
 
 The fixtures in tests/fixtures/torch_legacy/ were written by real torch 2.13.0 (see
 make_fixtures.py there); hand-made files below cover what torch no longer writes (storage
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlfer.torch_legacy import LEGACY_MAGIC_NUMBER, TorchLegacyFormatError, read_state_dict
+from dlfer.model.torch_legacy import LEGACY_MAGIC_NUMBER, TorchLegacyFormatError, read_state_dict
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "torch_legacy"
 LEGACY_FILE = FIXTURES / "tensors_legacy.pt"

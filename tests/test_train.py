@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from dlfer import train
+from dlfer.model import train
 
 CLASSES = 7
 

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from test_validation import blocky_face, canonical_table
 
 from conftest import PROJECT, stage_environment
-from test_validation import blocky_face, canonical_table
 
 STAGE = PROJECT / "stages" / "validate.py"
 ARGUMENTS = ["--params", "params.yaml", "--raw", "data/raw/fer2013.parquet", "--audit", "data/validated/audit.parquet",

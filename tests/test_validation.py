@@ -1,4 +1,4 @@
-"""dlfer.validation: the audit's pure functions on tiny arrays, the GX suite on crafted tables, and real FER2013."""
+"""dlfer.data.validation: the audit's pure functions on tiny arrays, the GX suite on crafted tables, and real FER2013."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import FER2013_ZIP, PROJECT, require
-from dlfer import validation
+from dlfer.data import validation
 from dlfer.fer2013 import EMOTIONS, LABEL_OF_EMOTION, OFFICIAL_COUNTS, USAGES
 from dlfer.params import ValidateParams, load_params
 
@@ -339,7 +339,7 @@ def test_real_fer2013_audit_finds_the_known_defects(real_table):
 def test_a_usage_blurred_unlike_the_others_fails_with_the_figures_and_the_fix():
     from scipy import ndimage
 
-    from dlfer.validation import sharpness_by_usage, sharpness_failure
+    from dlfer.data.validation import sharpness_by_usage, sharpness_failure
 
     rng = np.random.default_rng(0)
     sharp = np.stack([blocky_face(rng) for _ in range(12)])

@@ -15,8 +15,6 @@ import tempfile
 from pathlib import Path
 
 
-
-
 def _current_umask() -> int:
     """The process's umask, read without changing it (Linux reports it in /proc; elsewhere 022)."""
     try:

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import yaml
 
-# keras.applications' EfficientNets refuse inputs smaller than 32x32 (dlfer.model checks it again).
+# keras.applications' EfficientNets refuse inputs smaller than 32x32 (dlfer.model.backbones checks it again).
+# The pipeline's two EF-FER2 variants, as dvc.yaml's vars.variants (tests/test_structure.py checks they agree):
+# from EF-FER1, the model dlfer ships, and from random init, the paper's ablation.
+VARIANTS = ("with_ef_fer1", "without_ef_fer1")
 MIN_IMAGE_SIZE = 32
 
 

@@ -1,6 +1,6 @@
 """Emotions of the faces in image files, folders of them and videos.
 
-Each input frame goes through face detection (dlfer.faces), each face is cut to a 48x48
+Each input frame goes through face detection (dlfer.deploy.faces), each face is cut to a 48x48
 greyscale crop like FER2013's, and crops from many frames are classified together in batches.
 The model does its own resizing, channel repetition and scaling (the finetune stage builds it
 that way), so the crops are handed over as raw 0-255 pixels and inference cannot drift from
@@ -25,14 +25,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dlfer import faces
+from dlfer.deploy import faces
 from dlfer.fer2013 import EMOTIONS, IMAGE_SIDE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 DEFAULT_MODEL = Path("models/finetune/with_ef_fer1/model.keras")
 # One row per face. frame and time (seconds from the video's start) are empty for photos; faces
-# are numbered from 1 in reading order (dlfer.faces.reading_order), as the annotated copies show.
+# are numbered from 1 in reading order (dlfer.deploy.faces.reading_order), as the annotated copies show.
 RECORD_FIELDS = ("file", "frame", "time", "face", "x", "y", "width", "height", "emotion",
                  *(f"probability_{emotion}" for emotion in EMOTIONS))
 

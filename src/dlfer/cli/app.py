@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import typer
 import yaml
+
+from dlfer.cli.model import register
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -116,7 +117,7 @@ def check(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of the 
           baselines: Path = typer.Option(Path("baselines"), help="folder of committed baselines"),
           policy: Path = typer.Option(Path("metrics_policy.yaml"), help="per-metric direction and tolerances")) -> None:
     """Compare the current metrics with the baseline of the same profile; exit 1 on a regression."""
-    from dlfer import gate
+    from dlfer.evaluation import gate
 
     try:
         rules = gate.load_policy(policy)
@@ -147,7 +148,7 @@ def baseline(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of t
              out: Path = typer.Option(Path("baselines/ci.json"), help="baseline file to (over)write"),
              policy: Path = typer.Option(Path("metrics_policy.yaml"))) -> None:
     """Pin the current metrics, with the params that made them, as a baseline. Commit the file it writes."""
-    from dlfer import gate
+    from dlfer.evaluation import gate
     from dlfer.files import write_json
 
     rules = gate.load_policy(policy)
@@ -168,7 +169,8 @@ def runs(limit: int = typer.Option(20, help="how many evaluate runs to show, new
     """Print the comparison table of recent experiments from the MLflow store (MLFLOW_TRACKING_URI or mlflow.db)."""
     import mlflow
 
-    from dlfer import experiments, tracking
+    from dlfer import tracking
+    from dlfer.evaluation import experiments
 
     tracking.configure()
     client = mlflow.MlflowClient()
@@ -186,7 +188,7 @@ def plots(targets: list[str] = typer.Argument(None, help="plot names or files (d
     The same plots as `dvc plots show`, whose page loads its chart library from a CDN and stays
     blank offline; this page carries the library inline.
     """
-    from dlfer import plots as plotting
+    from dlfer.evaluation import plots as plotting
 
     try:
         page = plotting.render(out, targets or None, revisions or None)
@@ -201,7 +203,7 @@ def summary(metrics_dir: Path = typer.Option(Path("metrics"), help="folder of th
             params: Path = typer.Option(Path("params.yaml"), help="the params the run used"),
             references: Path = typer.Option(Path("references/paper.yaml"), help="the paper's figures")) -> None:
     """The run's headline in a few lines: both variants with 95% intervals, the ablation, the paper beside them."""
-    from dlfer.summary import SummaryError, render_summary
+    from dlfer.evaluation.summary import SummaryError, render_summary
 
     try:
         typer.echo(render_summary(metrics_dir, references, params))
@@ -222,7 +224,7 @@ def results_save(name: str = typer.Argument(..., help="folder name under docs/re
                                                               "e.g. --variant with_ef_fer1 after `dvc exp run "
                                                               "... evaluate@with_ef_fer1`")) -> None:
     """Save a finished run: its metrics, the params that differ from git HEAD's, training time and speed."""
-    from dlfer.results import VARIANTS, ResultsError, save
+    from dlfer.evaluation.results import VARIANTS, ResultsError, save
 
     if not name.replace("_", "").replace("-", "").isalnum():
         typer.echo(f"results save: {name!r}: use letters, digits, - and _", err=True)
@@ -238,7 +240,7 @@ def results_save(name: str = typer.Argument(..., help="folder name under docs/re
 def results_report(root: Path = typer.Option(Path("docs/results"), help="where saved runs live"),
                    references: Path = typer.Option(Path("references/paper.yaml"), help="the paper's figures")) -> None:
     """Write docs/results/README.md from the saved runs' files: no typed figure, so none can drift."""
-    from dlfer.results import ResultsError, write_report
+    from dlfer.evaluation.results import ResultsError, write_report
 
     try:
         typer.echo(f"results report: wrote {write_report(root, references)}")
@@ -251,9 +253,7 @@ def _yaml_scalar(value) -> str:
     return "true" if value is True else "false" if value is False else str(value)
 
 
-from dlfer.cli_model import register  # noqa: E402  (predict and export live beside the model code)
-
-register(app)
+register(app)  # predict, export and serve: dlfer.cli.model
 
 if __name__ == "__main__":
     app()

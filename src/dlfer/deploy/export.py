@@ -6,14 +6,14 @@ Formats (file names inside the output folder):
   model_int8.tflite       TFLite with int8 weights and activations, calibrated on real FER2013
                           images; float32 input and output, so callers feed raw pixels as for the others
   model.onnx              ONNX (opset 17) through tf2onnx, for ONNX Runtime
-  mlflow_model/           MLflow pyfunc taking image bytes or face arrays (dlfer.serving),
+  mlflow_model/           MLflow pyfunc taking image bytes or face arrays (dlfer.deploy.serving),
                           for `mlflow models serve -m <out>/mlflow_model --env-manager local`
 Every format takes (N, 48, 48, 1) float32 raw pixels 0-255 and returns (N, 7) probabilities in
 Kaggle label order: the preprocessing inside the Keras model travels with it.
 
 The SavedModel is traced with training=False explicitly. Keras 3.15's own model.export traces
 `model(x)` without it, and when a Resizing layer precedes a keras.applications EfficientNet (as
-in dlfer.model.build_classifier at any image_size other than 48, e.g. the paper's 224) that call
+in dlfer.model.backbones.build_classifier at any image_size other than 48, e.g. the paper's 224) that call
 runs the backbone's stochastic-depth dropout: the exported model answers the same image
 differently each time. Every other format is converted from this SavedModel.
 """
@@ -114,7 +114,7 @@ def agreement_report(reference: np.ndarray, probabilities: np.ndarray, labels: n
 
 
 def classifier_for(kind: str, path: Path):
-    from dlfer import predict
+    from dlfer.deploy import predict
 
     if kind == "saved_model":
         return predict.saved_model_classifier(path)
@@ -140,7 +140,7 @@ def export_model(model_source: str | Path | None, folder: Path, formats: tuple[s
     each format's top-1 agreement with Keras, largest probability difference, and accuracy when
     check_labels are given.
     """
-    from dlfer import predict
+    from dlfer.deploy import predict
     from dlfer.files import atomic_directory, write_json
 
     unknown = sorted(set(formats) - set(FORMATS))
@@ -164,7 +164,7 @@ def export_model(model_source: str | Path | None, folder: Path, formats: tuple[s
             elif kind == "onnx":
                 write_onnx(saved_model, target)
             elif kind == "mlflow":
-                from dlfer import serving
+                from dlfer.deploy import serving
 
                 serving.save_pyfunc(model, target)
             entry = {"path": str(folder / FILE_NAMES[kind]), "bytes": _size(target)}

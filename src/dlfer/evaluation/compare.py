@@ -15,8 +15,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from dlfer.params import VARIANTS
+
 # with_ef_fer1: EF-FER2 initialised from EF-FER1 (the paper's DLFER); without: random initialisation.
-VARIANTS = ("with_ef_fer1", "without_ef_fer1")
 VARIANT_LABELS = {"with_ef_fer1": "DLFER with EF-FER1", "without_ef_fer1": "DLFER without EF-FER1"}
 PROTOCOLS = ("official", "paper")
 FINETUNE_KEYS = ("train_accuracy", "val_accuracy", "val_macro_f1")

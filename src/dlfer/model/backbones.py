@@ -10,7 +10,7 @@ with Rescaling(1/255) followed by a Normalization layer. With random weights tha
 is the identity (mean 0, variance 1), so the network sees exactly pixel/255, as in the paper;
 with ImageNet weights it holds the ImageNet channel mean and standard deviation, so the network
 sees (pixel/255 - mean) / std, the scaling those weights were trained with. EfficientNet-Lite0
-(dlfer.lite0) scales as (pixel - 127) / 128, as its TF reference does.
+(dlfer.model.lite0) scales as (pixel - 127) / 128, as its TF reference does.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def build_backbone(name: str, image_size: int, weights: str | Path | None = None
                          "or train from random weights")
     input_shape = (image_size, image_size, channels)
     if name == LITE0:
-        from dlfer.lite0 import build_efficientnet_lite0  # another module; imported only when asked for
+        from dlfer.model.lite0 import build_efficientnet_lite0  # another module; imported only when asked for
 
         backbone = build_efficientnet_lite0(input_shape=input_shape, include_top=False, name=BACKBONE_LAYER)
     else:
@@ -94,7 +94,7 @@ def build_backbone(name: str, image_size: int, weights: str | Path | None = None
 def load_backbone_weights(backbone: keras.Model, name: str, weights: str | Path) -> dict:
     """Load ImageNet or file weights into a backbone from build_backbone; return their provenance."""
     if name == LITE0:
-        from dlfer import lite0
+        from dlfer.model import lite0
 
         if weights == "imagenet" or Path(weights).suffix == ".pth":
             return lite0.load_imagenet_weights(backbone, None if weights == "imagenet" else weights)

@@ -5,8 +5,8 @@ feeds it numpy arrays through tf.data, and adds what a pipeline stage needs: bes
 selection on the validation split, early stopping, a wall-clock budget, resumption after a
 crash that ends where an uninterrupted run ends, per-epoch records for MLflow and DVC plots,
 and determinism on CPU. Under
-MultiWorkerMirroredStrategy, where model.fit fails, dlfer.distributed trains with a custom loop;
-dlfer.distributed.fit picks the one the strategy needs (this module never imports that one).
+MultiWorkerMirroredStrategy, where model.fit fails, dlfer.model.distributed trains with a custom loop;
+dlfer.model.distributed.fit picks the one the strategy needs (this module never imports that one).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class OnlineAugmentation:
 
     The augment_balance stage draws the paper's copies once, so a second epoch shows the same
     pixels again; this draws a fresh transform per image and step, in the model's 48x48 input
-    before it resizes. Same semantics as dlfer.augment (rotation and zoom about the centre, shift
+    before it resizes. Same semantics as dlfer.data.augment (rotation and zoom about the centre, shift
     as a fraction of the side, mirror with probability flip, nearest fill, bilinear sampling). The
     random numbers are a function of (seed, epoch, batch) alone, so a resumed or reloaded run
     sees the same transforms.
@@ -257,7 +257,7 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
         if not os.environ.get("TF_CONFIG"):
             raise ValueError("finetune.distribution is multi_worker but TF_CONFIG is not set; set it on every "
                              "worker (see the TensorFlow multi-worker guide) or use distribution: auto")
-        # fit_classifier trains it with dlfer.distributed's custom loop, which runs in float32 without
+        # fit_classifier trains it with dlfer.model.distributed's custom loop, which runs in float32 without
         # XLA: loss scaling and XLA-compiled collectives are untested there, so "on" is refused.
         for name in ("mixed_precision", "jit_compile"):
             if getattr(settings, name) == "on":
@@ -312,7 +312,7 @@ def fit_classifier(build_model: Callable[[], keras.Model], train: tuple[np.ndarr
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         # Keras 3's model.fit fails under this strategy (keras-team/keras#20585).
         raise ValueError("fit_classifier cannot train under MultiWorkerMirroredStrategy; "
-                         "dlfer.distributed.fit trains it with a custom loop")
+                         "dlfer.model.distributed.fit trains it with a custom loop")
     checkpoint_dir = Path(checkpoint_dir)
     if not is_chief():
         # Workers other than the chief train in lockstep but must not write the shared state.

@@ -2,7 +2,7 @@
 
 Self-contained (no script or style from the network), so it works on an offline machine. The
 page sends the picture as base64 JSON to /annotate and shows the photo with each face's box and
-number drawn by the server (dlfer.predict.draw_faces, as `dlfer predict --annotate` draws them)
+number drawn by the server (dlfer.deploy.predict.draw_faces, as `dlfer predict --annotate` draws them)
 and a table with each face's emotion and 7 probabilities under the same numbers.
 """
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import yaml
 
 from dlfer.files import atomic_directory, atomic_path, read_json, write_json
+from dlfer.params import VARIANTS
 from dlfer.tracking import flatten
 
-VARIANTS = ("with_ef_fer1", "without_ef_fer1")
 LABELS = {"with_ef_fer1": "EF-FER2 from EF-FER1", "without_ef_fer1": "EF-FER2 from random init"}
 MISSING = "n/a"
 

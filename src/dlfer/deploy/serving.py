@@ -16,7 +16,7 @@ From Python, mlflow.pyfunc.load_model(folder).predict takes the same DataFrame w
 (or base64 text) in "image", or a numpy array of crops.
 
 The answer has one row per face: input (row number of the request), face (numbered from 1 in
-reading order: left to right, top to bottom, as dlfer.faces.reading_order), x, y, width, height,
+reading order: left to right, top to bottom, as dlfer.deploy.faces.reading_order), x, y, width, height,
 emotion, probability_<emotion> for the 7 emotions (Kaggle order), and error, which is empty
 unless the input was unusable ("no face found", "not an image ...") -- then the row's emotion
 is empty, its face -1 and its probabilities NaN. A request of the wrong shape (face arrays that
@@ -36,7 +36,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from dlfer import faces
+from dlfer.deploy import faces
 from dlfer.fer2013 import EMOTIONS, IMAGE_SIDE
 
 PROBABILITY_COLUMNS = [f"probability_{emotion}" for emotion in EMOTIONS]
@@ -90,7 +90,7 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import keras
 
-        from dlfer.predict import keras_classifier
+        from dlfer.deploy.predict import keras_classifier
 
         self.classify = keras_classifier(keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False))
         self.detector = faces.load_detector()
@@ -190,11 +190,11 @@ def save_pyfunc(model, folder: Path) -> None:
 def load_served_model(source: str | Path | None):
     """The pyfunc (a PyFuncModel) of a finetune model: a .keras file, a folder holding one, an MLflow
     model folder, or models:/<name>@<alias> / runs:/<id>/<path> from the MLflow store."""
-    from dlfer.predict import keras_model_from, resolve_model_source
-
     import logging
     import os
     import warnings
+
+    from dlfer.deploy.predict import keras_model_from, resolve_model_source
 
     # Nothing alarming for the user to read: MLflow's progress bar, its warning about pickling the
     # PythonModel (ours, written just now) and its advice to add type hints.
@@ -232,7 +232,7 @@ def annotate(model, image_base64: str, detect: bool = True) -> dict:
     """
     from PIL import Image, ImageOps
 
-    from dlfer.predict import draw_faces
+    from dlfer.deploy.predict import draw_faces
 
     data = base64.b64decode(image_base64, validate=True) if isinstance(image_base64, str) else b""
     try:
@@ -258,7 +258,7 @@ def create_app(model):
     from mlflow.pyfunc import scoring_server
     from starlette.responses import HTMLResponse, JSONResponse
 
-    from dlfer.serving_page import PAGE
+    from dlfer.deploy.serving_page import PAGE
 
     async def page(request):
         return HTMLResponse(PAGE)

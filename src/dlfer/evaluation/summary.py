@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-VARIANTS = ("with_ef_fer1", "without_ef_fer1")
+from dlfer.params import VARIANTS
+
 LABELS = {"with_ef_fer1": "EF-FER2 from EF-FER1", "without_ef_fer1": "EF-FER2 from random init"}
 
 

@@ -1,6 +1,6 @@
 """User commands that use a trained model: `dlfer predict`, `dlfer export` and `dlfer serve`.
 
-cli.py adds them to the dlfer app with register(app).
+dlfer.cli.app adds them to the dlfer app with register(app).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def predict(
     Problems with single inputs (unreadable, not an image, no face found) are reported on stderr
     and the run goes on; the exit code is 1 if any input had a problem, 2 if nothing could run.
     """
-    from dlfer import faces
-    from dlfer import predict as prediction
+    from dlfer.deploy import faces
+    from dlfer.deploy import predict as prediction
     from dlfer.files import atomic_path
 
     if output_format not in OUTPUT_FORMATS:
@@ -82,7 +82,7 @@ def predict(
 
 def _summarise_videos(inputs, records: list[dict], folder: Path) -> None:
     """Per video with faces: its timeline CSV and plot in folder, and its overall shares on stderr."""
-    from dlfer import predict as prediction
+    from dlfer.deploy import predict as prediction
 
     for item in inputs:
         faces_of_video = [record for record in records if record["file"] == str(item.path) and record["time"] is not None]
@@ -119,7 +119,7 @@ def export(
     """
     import numpy as np
 
-    from dlfer import export as exporting
+    from dlfer.deploy import export as exporting
 
     chosen = tuple(name.strip() for name in formats.split(",") if name.strip())
     try:
@@ -165,7 +165,7 @@ def serve(
     # how MLflow parses requests, so it has none), under its own "once" filter that no warnings
     # filter of ours overrides: the advice is dropped with whatever else the import writes to stderr.
     with contextlib.redirect_stderr(io.StringIO()):
-        from dlfer import serving
+        from dlfer.deploy import serving
 
     try:
         loaded = serving.load_served_model(model or None)

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dlfer import train
+from dlfer.model import train
 
 
 def fit(build_model: Callable[[], keras.Model], train_split: tuple[np.ndarray, np.ndarray],

@@ -1,0 +1,5 @@
+"""`python -m dlfer.cli`: the same app as the `dlfer` command."""
+
+from dlfer.cli.app import app
+
+app()

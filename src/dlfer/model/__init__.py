@@ -1,0 +1,3 @@
+"""The networks and how they learn: EfficientNet backbones and the EF-FER classifier (backbones), the
+offline EfficientNet-Lite0 with its ImageNet weights (lite0, read by torch_legacy), the training loop,
+schedules, augmentation and resumable progress (train), and multi-device training (distributed)."""
