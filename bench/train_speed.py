@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from dlfer.evaluation.results import processor_name
 
 # name -> (environment, in-process options); "today" is what finetune did on CPU before issue 15.
 SETTINGS = {
@@ -34,19 +35,6 @@ SETTINGS = {
     "onednn_off": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, {}),
     "bfloat16": ({}, {"precision": "mixed_bfloat16"}),
 }
-
-
-def processor_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                flags = Path("/proc/cpuinfo").read_text()
-                unit = "AMX" if " amx_bf16" in flags else "AVX-512" if " avx512f" in flags else "AVX2"
-                return f"{name} ({unit}, {os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def measure(options: dict, size: int, batch_size: int, steps: int, backbone: str, trace: str | None) -> float:
@@ -140,7 +128,7 @@ def main() -> None:
         print(json.dumps({"images_per_second": rate}))
         return
     names = ["today", *[name for name in arguments.settings if name != "today"]]
-    print(f"processor: {processor_name()}; {arguments.backbone} at {arguments.size} px, batch {arguments.batch_size}, "
+    print(f"processor: {processor_name()}, {len(os.sched_getaffinity(0))} cores; {arguments.backbone} at {arguments.size} px, batch {arguments.batch_size}, "
           f"{arguments.rounds} rounds of {arguments.steps} timed steps, one process per setting")
     rates = {name: [] for name in names}
     for _ in range(arguments.rounds):

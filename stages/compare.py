@@ -1,17 +1,16 @@
-"""compare: this run beside the paper's claims, its literature table and honest anchors; register the model.
+"""compare: this run beside the paper's claims, its literature table, honest anchors and the saved runs.
 
 Reads   <metrics-dir>/finetune_<variant>.json, evaluate_<variant>.json for both variants (required);
         validate.json, augment_balance.json, pretrain.json (context; the report says so if one is absent)
         <references>/paper.yaml, literature.csv
-        <models>/with_ef_fer1/{mlflow_run.json, model.keras}  the model to register
-        MLflow store: the latest finished evaluate runs tagged protocol=official and protocol=paper
+        <saved-runs>/*/  runs kept by `dlfer results save` (git-tracked): the official and paper protocols
+                         side by side, for saved runs whose params differ in the protocol alone
 Writes  <report>        reports/compare.md
         <chart>         reports/compare.png
         <out-metrics>   metrics/compare.json (the same numbers go to MLflow, booleans as 0/1)
-        MLflow registry: a new version of compare.registered_model with alias compare.alias;
-                         alias champion moves only on a better validation macro-F1
-Params  preprocess.protocol, compare.registered_model, compare.alias
-Never recomputes a metric: every figure comes from a file or run another stage wrote.
+Params  preprocess.protocol and the run's setup (pretrain.source / backbone, finetune.backbone, image size)
+Reads only files DVC tracks, never the MLflow store, and never recomputes a metric: run twice on the
+same inputs it writes the same bytes. Registering the model is the register stage's work.
 """
 
 from __future__ import annotations
@@ -21,17 +20,14 @@ from pathlib import Path
 
 import typer
 
-from dlfer.evaluation import compare, registry
+from dlfer.evaluation import compare, results
 from dlfer.files import atomic_path, write_json
 from dlfer.params import VARIANTS, load_params
-from dlfer.tracking import EXPERIMENT_NAME, configure, log_numeric_metrics, stage_run
+from dlfer.tracking import configure, log_numeric_metrics, stage_run
 
-REGISTERED_VARIANT = "with_ef_fer1"  # the paper's DLFER
-
-
-def draw_chart(path: Path, references: compare.References, stage_metrics: dict, protocol_runs: dict,
+def draw_chart(path: Path, references: compare.References, stage_metrics: dict, saved_runs: dict,
                protocol: str) -> None:
-    """Horizontal bars of test accuracy: paper's claims, this run (95% CI), the other protocol's run, anchors."""
+    """Horizontal bars of test accuracy: paper's claims, this run (95% CI), saved protocol pairs, anchors."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,10 +39,13 @@ def draw_chart(path: Path, references: compare.References, stage_metrics: dict, 
                      references.claims["ablation"][variant]["test_accuracy"], None, "tab:red"))
     measured = [(f"this run ({protocol})", stage_metrics["evaluate"][variant], variant, "tab:blue")
                 for variant in VARIANTS]
-    # The latest run under the other protocol, from MLflow: the protocol's effect, as measured.
-    other_protocol = "official" if protocol == "paper" else "paper"
-    measured += [(f"latest run ({other_protocol})", protocol_runs[(other_protocol, variant)]["metrics"], variant,
-                  "tab:orange") for variant in VARIANTS if protocol_runs.get((other_protocol, variant))]
+    # Saved runs that differ in the protocol alone: the protocol's effect, as measured.
+    for pair in results.protocol_pairs(saved_runs):
+        for name, colour in zip(pair, ("tab:orange", "tab:green")):
+            evaluated = saved_runs[name]["metrics"].get("evaluate_with_ef_fer1")
+            if evaluated:
+                measured.append((f"saved {name} ({results.protocol_of(saved_runs[name])})", evaluated,
+                                 "with_ef_fer1", colour))
     for label, values, variant, colour in measured:
         if "test_accuracy" not in values:
             continue
@@ -78,39 +77,31 @@ def main(
     params_path: Path = typer.Option(Path("params.yaml"), "--params"),
     metrics_dir: Path = typer.Option(Path("metrics"), "--metrics-dir"),
     references_dir: Path = typer.Option(Path("references"), "--references"),
+    saved_runs_dir: Path = typer.Option(Path("docs/results"), "--saved-runs"),
     report_path: Path = typer.Option(Path("reports/compare.md"), "--report"),
     chart_path: Path = typer.Option(Path("reports/compare.png"), "--chart"),
     out_metrics_path: Path = typer.Option(Path("metrics/compare.json"), "--out-metrics"),
-    models_dir: Path = typer.Option(Path("models/finetune"), "--models"),
 ) -> None:
     params = load_params(params_path)
     configure()  # fail fast on an unreachable tracking store, before any work
     references = compare.load_references(references_dir)
     stage_metrics = compare.read_stage_metrics(metrics_dir)
-    model_dir = models_dir / REGISTERED_VARIANT
-    run_id_of_finetune = registry.finetune_run_id(model_dir)
+    saved_runs = results.load_runs(saved_runs_dir) if results.has_runs(saved_runs_dir) else {}
     protocol = params.preprocess.protocol
 
-    logged_params = {"compare": params.section("compare"), "preprocess": {"protocol": protocol}}
-    with stage_run("compare", logged_params, tags={"protocol": protocol, "finetune_run_id": run_id_of_finetune}) as run:
+    with stage_run("compare", {"preprocess": {"protocol": protocol}}, tags={"protocol": protocol}):
         import mlflow
 
-        protocol_runs = compare.latest_evaluate_runs(EXPERIMENT_NAME)
-        registration = registry.register_candidate(
-            model_name=params.compare.registered_model, alias=params.compare.alias,
-            finetune_run_id=run_id_of_finetune, model_file=model_dir / "model.keras",
-            val_macro_f1=float(stage_metrics["finetune"][REGISTERED_VARIANT]["val_macro_f1"]),
-            protocol=protocol, artifact_run_id=run.info.run_id)
-        summary = compare.summarise(stage_metrics, references, protocol_runs, registration.as_metrics())
+        summary = compare.summarise(stage_metrics, references)
         report = compare.render_report(
-            protocol=protocol, stage_metrics=stage_metrics, references=references, protocol_runs=protocol_runs,
-            summary=summary, registration_text=registration.describe(),
+            protocol=protocol, stage_metrics=stage_metrics, references=references, saved_runs=saved_runs,
+            saved_dir=str(saved_runs_dir), summary=summary,
             chart_name=os.path.relpath(chart_path, report_path.parent), metrics_dir=str(metrics_dir),
             run_setup={"pretrain_source": params.pretrain.source, "pretrain_backbone": params.pretrain.backbone,
                        "finetune_backbone": params.finetune.backbone, "image_size": params.preprocess.image_size})
 
         with atomic_path(chart_path) as temporary:
-            draw_chart(temporary, references, stage_metrics, protocol_runs, protocol)
+            draw_chart(temporary, references, stage_metrics, saved_runs, protocol)
         with atomic_path(report_path) as temporary:
             temporary.write_text(report)
         write_json(out_metrics_path, summary)
@@ -121,8 +112,8 @@ def main(
             mlflow.log_artifact(str(path))
     typer.echo(f"compare: test accuracy {summary['test_accuracy_with_ef_fer1']:.4f} with EF-FER1, "
                f"{summary['test_accuracy_without_ef_fer1']:.4f} without; the paper claims "
-               f"{references.claims['test_accuracy']:.2f}%; registered version {registration.version}, "
-               f"champion moved: {registration.champion_moved}")
+               f"{references.claims['test_accuracy']:.2f}%; {len(results.protocol_pairs(saved_runs))} saved "
+               f"protocol pair(s) in {saved_runs_dir}")
 
 
 if __name__ == "__main__":

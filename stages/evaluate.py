@@ -27,7 +27,7 @@ import pandas as pd
 import typer
 
 from dlfer.evaluation import leak, metrics
-from dlfer.evaluation.registry import finetune_run_id
+from dlfer.registry import finetune_run_id
 from dlfer.fer2013 import EMOTIONS, IMAGE_SIDE
 from dlfer.files import atomic_directory, sha256_of_file, write_json
 from dlfer.params import load_params

@@ -64,6 +64,14 @@ def load_source_domain(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+# What EF-FER1 training never varies: its source domain is balanced and already augmented by its
+# size, it trains every epoch it is given, on the device TensorFlow picks (mixed precision and XLA
+# where a GPU makes them pay, as finetune's "auto").
+FIXED_TRAINING_SETTINGS = {"class_weights": "none", "early_stopping_patience": 0, "mixed_precision": "auto",
+                           "jit_compile": "auto", "distribution": "auto", "online_flip": 0.0, "online_shift": 0.0,
+                           "online_rotation": 0.0, "online_zoom": 0.0}
+
+
 def train_from_scratch(domain: dict, params, checkpoints: Path):
     """EF-FER1 trained on the source domain; returns (its backbone, the fit result)."""
     pretrain = params.pretrain
@@ -74,7 +82,7 @@ def train_from_scratch(domain: dict, params, checkpoints: Path):
         return backbones.build_pretrain_classifier(pretrain.backbone, pretrain.image_size, num_classes,
                                                 PRETRAIN_HEAD_DROPOUT, input_size=stored_size)
 
-    settings = train.TrainingSettings.from_params(pretrain, params.seed)
+    settings = train.TrainingSettings.from_params(pretrain, params.seed, **FIXED_TRAINING_SETTINGS)
     checkpoint_dir = train.keyed_checkpoint_dir(checkpoints, {"seed": params.seed, "pretrain": params.section("pretrain"),
                                                               "data": domain["sha256"]})
     result = distributed.fit(build, (domain["train_images"], domain["train_labels"]),

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 
 from dlfer.data import augment
@@ -38,7 +40,13 @@ def test_shift_moves_content_and_nearest_fill_repeats_the_edge():
     shift_only = augment.AugmentSettings(0, 0, shift=0.1, horizontal_flip=0, fill_mode="nearest")
     shifted = augment.random_affine(image, shift_only, np.random.default_rng(0))
     assert not np.array_equal(shifted, image)
-    assert set(np.unique(shifted)) <= set(range(256))
+    # An evenly bright face: whatever the shift, nearest fill repeats the border, so no pixel changes;
+    # constant fill (zeros) would leave a dark band where the shift uncovered the border.
+    bright = np.full((48, 48), 200, np.uint8)
+    for seed in range(5):
+        assert np.all(augment.random_affine(bright, shift_only, np.random.default_rng(seed)) == 200)
+    constant = dataclasses.replace(shift_only, fill_mode="constant")
+    assert (augment.random_affine(bright, constant, np.random.default_rng(0)) == 0).any()
 
 
 def test_balance_plan_brings_every_class_to_the_largest():

@@ -81,6 +81,8 @@ def workspace(tmp_path_factory):
             mlflow.log_artifact(str(model_dir / "model.keras"))
         (model_dir / "mlflow_run.json").write_text(json.dumps(
             {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": mlflow.get_tracking_uri()}))
+        (model_dir / "provenance.json").write_text(json.dumps(
+            {"variant": variant, "params": {"preprocess": {"protocol": "official"}}, "val_sha256": "a" * 64}))
         (root / "metrics" / f"finetune_{variant}.json").write_text(json.dumps(
             {"train_accuracy": 0.9 - seed / 10, "val_accuracy": 0.6 - seed / 10, "val_loss": 1.0,
              "val_macro_f1": 0.55 - seed / 10, "best_epoch": 1, "seconds": 3.0}))
@@ -190,11 +192,12 @@ def test_evaluate_rejects_a_malformed_test_split_in_one_line(workspace, tmp_path
     assert not (tmp_path / "out.json").exists() and not (tmp_path / "reports").exists()
 
 
-def run_compare(root: Path, store: Path, outputs: Path) -> subprocess.CompletedProcess:
+def run_compare(root: Path, store: Path, outputs: Path, saved: Path) -> subprocess.CompletedProcess:
     return run_stage("compare.py", [
         "--params", root / "params.yaml", "--metrics-dir", root / "metrics", "--references", REPOSITORY / "references",
-        "--report", outputs / "reports" / "compare.md", "--chart", outputs / "reports" / "compare.png",
-        "--out-metrics", outputs / "metrics" / "compare.json", "--models", root / "models" / "finetune"], outputs, store)
+        "--saved-runs", saved, "--report", outputs / "reports" / "compare.md",
+        "--chart", outputs / "reports" / "compare.png", "--out-metrics", outputs / "metrics" / "compare.json"],
+        outputs, store)
 
 
 @pytest.fixture
@@ -205,13 +208,23 @@ def store_copy(workspace, tmp_path):
     return tmp_path / "mlflow.db"
 
 
-def test_compare_before_and_after_a_paper_protocol_run(workspace, store_copy, tmp_path):
-    """As in use: compare after the official pipeline, then again once a paper-protocol evaluate run exists."""
+def save_run(saved: Path, name: str, protocol: str, evaluated: dict, params: dict) -> None:
+    """A run as `dlfer results save` keeps it: its metrics files and its params diff."""
+    (saved / name / "metrics").mkdir(parents=True)
+    (saved / name / "metrics" / "evaluate_with_ef_fer1.json").write_text(json.dumps(evaluated))
+    (saved / name / "metrics" / "preprocess.json").write_text(json.dumps({"protocol": protocol}))
+    (saved / name / "params.diff.yaml").write_text(yaml.safe_dump({**params, "preprocess.protocol": protocol}))
+
+
+def test_compare_sets_saved_runs_of_both_protocols_side_by_side(workspace, store_copy, tmp_path):
+    """As in use: compare with no saved protocol pair, then once runs of one profile under both protocols are saved."""
     root, _ = workspace
     evaluated = {variant: json.loads((root / "metrics" / f"evaluate_{variant}.json").read_text()) for variant in VARIANTS}
     official = evaluated["with_ef_fer1"]
+    saved = tmp_path / "saved"
+    saved.mkdir()
 
-    result = run_compare(root, store_copy, tmp_path)
+    result = run_compare(root, store_copy, tmp_path, saved)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "metrics" / "compare.json").read_text())
     assert summary["test_accuracy_with_ef_fer1"] == official["test_accuracy"]
@@ -221,11 +234,9 @@ def test_compare_before_and_after_a_paper_protocol_run(workspace, store_copy, tm
     assert summary["paper_claim_gap"] == pytest.approx(0.8209 - official["test_accuracy"])
     assert summary["paper_ablation_delta_accuracy"] == pytest.approx(0.1588)
     assert summary["train_accuracy_without_ef_fer1"] == pytest.approx(0.8)
-    assert summary["test_accuracy_official_protocol_with_ef_fer1"] == pytest.approx(official["test_accuracy"])
-    assert not any(key.startswith("protocol_effect") for key in summary)
-    assert summary["registry_version"] == 1 and summary["registry_champion_moved"] is True
+    assert not any(key.startswith("registry") for key in summary)  # registering is the register stage's
     report = (tmp_path / "reports" / "compare.md").read_text()
-    assert "dvc exp run -S preprocess.protocol=paper" in report
+    assert "-S preprocess.protocol=paper" in report and "dlfer results save" in report
     assert "audit of 35887 images: 3 images appear, exactly or nearly, in more than one official usage; " \
            "5 images sit in exact-duplicate groups." in report
     assert "| [27] | 2024 | HybridizedCNN-LSTM | 79.34 |" in report
@@ -233,31 +244,68 @@ def test_compare_before_and_after_a_paper_protocol_run(workspace, store_copy, tm
     assert "EF-FER1: efficientnet_b0, trained here on the source-domain images" in report
     assert (tmp_path / "reports" / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
-    # A paper-protocol evaluate run, tagged as the evaluate stage tags its runs.
-    leaked = {key: min(1.0, value + 0.2) for key, value in official.items() if key != "n_test"}
-    mlflow.set_tracking_uri(f"sqlite:///{store_copy}")
-    mlflow.set_experiment("dlfer")
-    with mlflow.start_run(run_name="evaluate_with_ef_fer1",
-                          tags={"stage": "evaluate", "protocol": "paper", "variant": "with_ef_fer1"}):
-        mlflow.log_metrics(leaked)
-    mlflow.set_tracking_uri(None)
-
-    result = run_compare(root, store_copy, tmp_path)
+    # One profile under both protocols, and a paper run of other params that must not be paired with it.
+    leaked = {**{key: min(1.0, value + 0.2) for key, value in official.items() if isinstance(value, float)},
+              "n_test": 10, "leak_test_with_train_sibling": 6, "leak_test_with_augmented_sibling": 5,
+              "leak_test_with_duplicate_in_train": 1}
+    save_run(saved, "toy", "official", official, {"finetune.epochs": 6})
+    save_run(saved, "toy-paper", "paper", leaked, {"finetune.epochs": 6})
+    save_run(saved, "toy-paper-longer", "paper", leaked, {"finetune.epochs": 10})
+    result = run_compare(root, store_copy, tmp_path, saved)
     assert result.returncode == 0, result.stderr
-    summary = json.loads((tmp_path / "metrics" / "compare.json").read_text())
-    assert summary["protocol_effect_test_accuracy_with_ef_fer1"] == pytest.approx(
-        leaked["test_accuracy"] - official["test_accuracy"])
-    assert summary["test_accuracy_paper_protocol_with_ef_fer1"] == pytest.approx(leaked["test_accuracy"])
-    assert "protocol_effect_test_accuracy_without_ef_fer1" not in summary
-    # The second registration ties the champion's validation score, so the champion stays.
-    assert summary["registry_version"] == 2 and summary["registry_champion_moved"] is False
-    assert summary["registry_previous_champion_version"] == 1
-    assert summary["registry_previous_champion_val_macro_f1"] == pytest.approx(0.55)
     report = (tmp_path / "reports" / "compare.md").read_text()
-    assert "dvc exp run -S preprocess.protocol=paper" not in report
+    assert "-S preprocess.protocol=paper" not in report
     difference = 100 * (leaked["test_accuracy"] - official["test_accuracy"])
-    assert f"| DLFER with EF-FER1 | test_accuracy | {100 * official['test_accuracy']:.2f} | " \
+    assert f"| `toy-paper` / `toy` | DLFER with EF-FER1 | test_accuracy | {100 * official['test_accuracy']:.2f} | " \
            f"{100 * leaked['test_accuracy']:.2f} | {difference:+.2f} |" in report
+    assert "In `toy-paper`, 6 of 10 test images have a sibling in train (5 an augmented copy, 1 a duplicate)" in report
+    assert "toy-paper-longer" not in report
+
+
+def test_compare_run_twice_writes_the_same_bytes(workspace, store_copy, tmp_path):
+    root, _ = workspace
+    written = ("reports/compare.md", "reports/compare.png", "metrics/compare.json")
+    outputs = {}
+    for attempt in ("first", "second"):
+        (tmp_path / attempt).mkdir()
+        result = run_compare(root, store_copy, tmp_path / attempt, REPOSITORY / "docs" / "results")
+        assert result.returncode == 0, result.stderr
+        outputs[attempt] = [(tmp_path / attempt / name).read_bytes() for name in written]
+    assert outputs["first"] == outputs["second"]
+    assert b"Official vs paper protocol" in outputs["first"][0]
+
+
+def run_register(root: Path, store: Path, out: Path, model: Path | None = None) -> subprocess.CompletedProcess:
+    return run_stage("register.py", [
+        "--params", root / "params.yaml", "--model", model or root / "models" / "finetune" / "with_ef_fer1",
+        "--finetune-metrics", root / "metrics" / "finetune_with_ef_fer1.json", "--out", out], root, store)
+
+
+def test_register_adds_a_version_and_moves_the_champion_only_on_the_same_validation_images(workspace, store_copy,
+                                                                                             tmp_path):
+    root, _ = workspace
+    first = run_register(root, store_copy, tmp_path / "first.json")
+    assert first.returncode == 0, first.stderr
+    registered = json.loads((tmp_path / "first.json").read_text())
+    assert registered["registry_version"] == 1 and registered["registry_champion_moved"] is True
+    assert registered["registry_val_macro_f1"] == pytest.approx(0.55)
+
+    other_data = tmp_path / "other_copy"
+    shutil.copytree(root / "models" / "finetune" / "with_ef_fer1", other_data)
+    provenance = json.loads((other_data / "provenance.json").read_text())
+    (other_data / "provenance.json").write_text(json.dumps({**provenance, "val_sha256": "b" * 64}))
+    second = run_register(root, store_copy, tmp_path / "second.json", model=other_data)
+    assert second.returncode == 0, second.stderr
+    registered = json.loads((tmp_path / "second.json").read_text())
+    assert registered["registry_version"] == 2 and registered["registry_champion_moved"] is False
+    assert "other validation images" in registered["reason"]
+
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "models" / "finetune" / "with_ef_fer1", broken)
+    (broken / "provenance.json").write_text("{}")
+    third = run_register(root, store_copy, tmp_path / "third.json", model=broken)
+    assert third.returncode != 0 and "provenance.json" in third.stderr and "Traceback" not in third.stderr
+    assert not (tmp_path / "third.json").exists()
 
 
 def test_compare_names_a_missing_metrics_file(workspace, store_copy, tmp_path):
@@ -268,7 +316,7 @@ def test_compare_names_a_missing_metrics_file(workspace, store_copy, tmp_path):
     result = run_stage("compare.py", [
         "--params", root / "params.yaml", "--metrics-dir", metrics_dir, "--references", REPOSITORY / "references",
         "--report", tmp_path / "compare.md", "--chart", tmp_path / "compare.png", "--out-metrics", tmp_path / "c.json",
-        "--models", root / "models" / "finetune"], tmp_path, store_copy)
+        "--saved-runs", tmp_path / "no_saved_runs"], tmp_path, store_copy)
     assert result.returncode != 0
     assert "evaluate_without_ef_fer1.json: unreadable" in result.stderr and "dvc repro evaluate" in result.stderr
     assert not (tmp_path / "compare.md").exists()
@@ -286,7 +334,7 @@ def test_compare_names_the_ef_fer1_source(workspace, store_copy, tmp_path):
     result = run_stage("compare.py", [
         "--params", run_dir / "params.yaml", "--metrics-dir", run_dir / "metrics", "--references",
         REPOSITORY / "references", "--report", tmp_path / "compare.md", "--chart", tmp_path / "compare.png",
-        "--out-metrics", tmp_path / "c.json", "--models", root / "models" / "finetune"], tmp_path, store_copy)
+        "--out-metrics", tmp_path / "c.json", "--saved-runs", tmp_path / "no_saved_runs"], tmp_path, store_copy)
     assert result.returncode == 0, result.stderr
     report = (tmp_path / "compare.md").read_text()
     assert "EF-FER1: efficientnet_lite0, ImageNet weights (`pretrain.source: imagenet`). " \

@@ -115,3 +115,28 @@ def test_a_float_written_in_exponent_form_loads_as_a_float(tmp_path):
     assert load_params(path).finetune.learning_rate == 1e-05
     with pytest.raises(ParamsError, match=r"finetune.learning_rate must be float, got 'fast' \(str\)"):
         load_with(tmp_path, "finetune.learning_rate", "fast")
+
+
+def test_an_unknown_key_a_missing_key_and_a_wrong_type_each_stop_at_load(tmp_path):
+    path = tmp_path / "params.yaml"
+    params = base_params()
+    params["finetune"]["learning_rte"] = 0.001  # a typo: it must not be ignored
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match="learning_rte"):
+        load_params(path)
+    params = base_params()
+    del params["pretrain"]["optimizer"]  # a renamed or forgotten key: never a silent default
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match="pretrain.*optimizer"):
+        load_params(path)
+    with pytest.raises(ParamsError, match="finetune.epochs"):
+        load_with(tmp_path, "finetune.epochs", "ten")
+
+
+def test_training_settings_take_every_value_from_params_or_the_stage():
+    from dlfer.model.train import TrainingSettings
+
+    params = load_params(REPOSITORY / "params.yaml")
+    assert TrainingSettings.from_params(params.finetune, 0).optimizer == params.finetune.optimizer
+    with pytest.raises(ValueError, match="class_weights"):
+        TrainingSettings.from_params(params.pretrain, 0)  # pretrain has no class_weights: the stage must fix it

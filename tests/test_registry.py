@@ -1,11 +1,11 @@
-"""dlfer.evaluation.registry on a real sqlite MLflow store in tmp_path, with a toy Keras model."""
+"""dlfer.registry on a real sqlite MLflow store in tmp_path, with a toy Keras model."""
 
 import mlflow
 import numpy as np
 import pytest
 
 from conftest import migrated_mlflow_store
-from dlfer.evaluation import registry
+from dlfer import registry
 
 MODEL_NAME = "dlfer-ef-fer2"
 
@@ -44,12 +44,14 @@ def finetune_run(model_file, log_mlflow_model=False) -> str:
     return run.info.run_id
 
 
-def register(model_file, val_macro_f1, protocol="official", log_mlflow_model=False) -> registry.Registration:
+def register(model_file, val_macro_f1, protocol="official", log_mlflow_model=False,
+             val_data="a" * 64) -> registry.Registration:
     run_id = finetune_run(model_file, log_mlflow_model)
-    with mlflow.start_run(run_name="compare") as compare_run:
+    with mlflow.start_run(run_name="register") as register_run:
         return registry.register_candidate(model_name=MODEL_NAME, alias="candidate", finetune_run_id=run_id,
-                                           model_file=model_file, val_macro_f1=val_macro_f1, protocol=protocol,
-                                           artifact_run_id=compare_run.info.run_id)
+                                           model_file=model_file, val_macro_f1=val_macro_f1,
+                                           val_data_sha256=val_data, protocol=protocol,
+                                           artifact_run_id=register_run.info.run_id)
 
 
 def aliases():
@@ -91,6 +93,14 @@ def test_worse_model_does_not_move_the_champion_and_better_one_does(store, keras
     assert better.as_metrics()["registry_champion_moved"] is True
 
 
+def test_a_better_score_on_other_validation_images_does_not_move_the_champion(store, keras_model_file):
+    register(keras_model_file, 0.50, val_data="a" * 64)
+    other_copy = register(keras_model_file, 0.90, val_data="b" * 64)
+    assert not other_copy.champion_moved and "other validation images" in other_copy.reason
+    assert aliases() == {"candidate": 2, "champion": 1}
+    assert register(keras_model_file, 0.60, val_data="a" * 64).champion_moved
+
+
 def test_paper_protocol_model_is_never_champion(store, keras_model_file):
     result = register(keras_model_file, 0.99, protocol="paper")
     assert not result.champion_moved and result.champion_version is None
@@ -116,12 +126,12 @@ def test_logged_mlflow_model_is_registered_from_the_finetune_run(store, keras_mo
 def test_unknown_finetune_run_is_a_clear_error(store, keras_model_file):
     with mlflow.start_run() as run, pytest.raises(registry.RegistryError, match="not in the MLflow store"):
         registry.register_candidate(model_name=MODEL_NAME, alias="candidate", finetune_run_id="0" * 32,
-                                    model_file=keras_model_file, val_macro_f1=0.5, protocol="official",
-                                    artifact_run_id=run.info.run_id)
+                                    model_file=keras_model_file, val_macro_f1=0.5, val_data_sha256="a" * 64,
+                                    protocol="official", artifact_run_id=run.info.run_id)
 
 
 def test_alias_champion_is_refused(keras_model_file):
-    with pytest.raises(registry.RegistryError, match="compare.alias"):
+    with pytest.raises(registry.RegistryError, match="register.alias"):
         registry.register_candidate(model_name=MODEL_NAME, alias="champion", finetune_run_id="x",
-                                    model_file=keras_model_file, val_macro_f1=0.5, protocol="official",
-                                    artifact_run_id="y")
+                                    model_file=keras_model_file, val_macro_f1=0.5, val_data_sha256="a" * 64,
+                                    protocol="official", artifact_run_id="y")

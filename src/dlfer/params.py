@@ -100,13 +100,19 @@ class PretrainParams:
     image_size: int
     epochs: int
     batch_size: int
+    optimizer: str
     learning_rate: float
+    beta_1: float
+    loss: str
+    label_smoothing: float
+    lr_schedule: str
+    monitor: str
     max_seconds: float
 
     def __post_init__(self):
         _require_choice("pretrain.source", self.source, ("scratch", "imagenet", "none"))
         _require_range("pretrain.image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
-        _require_training_ranges("pretrain", self)
+        _require_training_settings("pretrain", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,17 +140,11 @@ class FinetuneParams:
     online_zoom: float
 
     def __post_init__(self):
-        _require_choice("finetune.optimizer", self.optimizer, ("adam", "sgd"))
-        _require_choice("finetune.loss", self.loss, ("categorical_crossentropy", "binary_crossentropy"))
-        _require_choice("finetune.lr_schedule", self.lr_schedule, ("constant", "cosine", "plateau"))
         _require_choice("finetune.class_weights", self.class_weights, ("none", "balanced"))
-        _require_choice("finetune.monitor", self.monitor, ("val_accuracy", "val_loss"))
         for key in ("mixed_precision", "jit_compile"):
             _require_choice(f"finetune.{key}", getattr(self, key), ("auto", "on", "off"))
         _require_choice("finetune.distribution", self.distribution, ("auto", "none", "mirrored", "multi_worker"))
-        _require_training_ranges("finetune", self)
-        _require_range("finetune.beta_1", self.beta_1, minimum=0, maximum=1, below=True)
-        _require_range("finetune.label_smoothing", self.label_smoothing, minimum=0, maximum=1, below=True)
+        _require_training_settings("finetune", self)
         _require_range("finetune.early_stopping_patience", self.early_stopping_patience, minimum=0)
         _require_range("finetune.dropout", self.dropout, minimum=0, maximum=1, below=True)
         _require_range("finetune.online_flip", self.online_flip, minimum=0, maximum=1)
@@ -163,7 +163,7 @@ class EvaluateParams:
 
 
 @dataclasses.dataclass(frozen=True)
-class CompareParams:
+class RegisterParams:
     registered_model: str
     alias: str
 
@@ -178,7 +178,7 @@ class Params:
     pretrain: PretrainParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
-    compare: CompareParams
+    register: RegisterParams
 
     def __post_init__(self):
         # NumPy's legacy seeding (inside keras.utils.set_random_seed) takes 0 <= seed < 2**32.
@@ -214,11 +214,17 @@ def _require_range(key: str, value, minimum=None, maximum=None, above: bool = Fa
     raise ParamsError(f"params.yaml: {key} is {value!r}; it must be {' and '.join(bounds)}")
 
 
-def _require_training_ranges(section: str, params) -> None:
-    """The ranges pretrain and finetune share."""
+def _require_training_settings(section: str, params) -> None:
+    """The choices and ranges pretrain and finetune share: epochs, batch, optimizer, loss, schedule, budget."""
     _require_range(f"{section}.epochs", params.epochs, minimum=1)
     _require_range(f"{section}.batch_size", params.batch_size, minimum=1)
+    _require_choice(f"{section}.optimizer", params.optimizer, ("adam", "sgd"))
     _require_range(f"{section}.learning_rate", params.learning_rate, minimum=0, above=True)
+    _require_range(f"{section}.beta_1", params.beta_1, minimum=0, maximum=1, below=True)
+    _require_choice(f"{section}.loss", params.loss, ("categorical_crossentropy", "binary_crossentropy"))
+    _require_range(f"{section}.label_smoothing", params.label_smoothing, minimum=0, maximum=1, below=True)
+    _require_choice(f"{section}.lr_schedule", params.lr_schedule, ("constant", "cosine", "plateau"))
+    _require_choice(f"{section}.monitor", params.monitor, ("val_accuracy", "val_loss"))
     _require_range(f"{section}.max_seconds", params.max_seconds, minimum=0)  # 0 = no limit
 
 

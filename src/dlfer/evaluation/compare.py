@@ -1,7 +1,7 @@
 """Setting this run's measured figures beside the paper's claims, its literature table and honest anchors.
 
-Everything here reads numbers other stages wrote (metrics/*.json, MLflow runs) and never
-recomputes a metric. Stored scores are fractions in [0, 1]; the paper prints percentages, so
+Everything here reads files DVC tracks, numbers other stages wrote (metrics/*.json) and the
+runs saved in docs/results (`dlfer results save`), and never recomputes a metric. Stored scores are fractions in [0, 1]; the paper prints percentages, so
 its figures are divided by 100 before any difference is taken, and the report prints both
 as percentages.
 """
@@ -15,15 +15,15 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from dlfer.evaluation import results
 from dlfer.params import VARIANTS
 
 # with_ef_fer1: EF-FER2 initialised from EF-FER1 (the paper's DLFER); without: random initialisation.
 VARIANT_LABELS = {"with_ef_fer1": "DLFER with EF-FER1", "without_ef_fer1": "DLFER without EF-FER1"}
-PROTOCOLS = ("official", "paper")
 FINETUNE_KEYS = ("train_accuracy", "val_accuracy", "val_macro_f1")
 EVALUATE_KEYS = ("test_accuracy", "f1_macro", "precision_macro", "recall_macro", "paper_eq1_accuracy",
                  "test_accuracy_ci95_low", "test_accuracy_ci95_high", "f1_macro_ci95_low", "f1_macro_ci95_high")
-# Metrics of the evaluate runs set side by side across protocols.
+# Metrics of saved runs set side by side across protocols.
 PROTOCOL_METRICS = ("test_accuracy", "f1_macro", "precision_macro", "recall_macro")
 CONTEXT_FILES = ("validate", "preprocess", "augment_balance", "pretrain")
 
@@ -101,43 +101,8 @@ def read_stage_metrics(metrics_dir: str | Path) -> dict:
     return stage_metrics
 
 
-def latest_evaluate_runs(experiment_name: str) -> dict:
-    """The most recent finished evaluate run per (protocol, variant) in the MLflow store, or None.
-
-    Each found run gives {run_id, start_time, metrics, tags, finetune_params}; finetune_params
-    are the params of the finetune run it evaluated, so the report can show what else differed.
-    """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow.MlflowClient()
-    found = {}
-    for protocol in PROTOCOLS:
-        for variant in VARIANTS:
-            runs = mlflow.search_runs(
-                experiment_names=[experiment_name], output_format="list", max_results=1,
-                filter_string=(f"tags.stage = 'evaluate' AND tags.protocol = '{protocol}' "
-                               f"AND tags.variant = '{variant}' AND attributes.status = 'FINISHED'"),
-                order_by=["attributes.start_time DESC"])
-            if not runs:
-                found[(protocol, variant)] = None
-                continue
-            run = runs[0]
-            # None (untagged run, or its finetune run lives in another store) makes the report say it
-            # cannot list the other differences, rather than claim there are none.
-            finetune_params = None
-            try:
-                finetune_params = client.get_run(run.data.tags["finetune_run_id"]).data.params
-            except (KeyError, MlflowException):
-                pass
-            found[(protocol, variant)] = {"run_id": run.info.run_id, "start_time": run.info.start_time,
-                                          "metrics": dict(run.data.metrics), "tags": dict(run.data.tags),
-                                          "finetune_params": finetune_params}
-    return found
-
-
-def summarise(stage_metrics: dict, references: References, protocol_runs: dict, registration: dict) -> dict:
-    """The compare metrics (metrics/compare.json): measured figures, differences, registry outcome."""
+def summarise(stage_metrics: dict, references: References) -> dict:
+    """The compare metrics (metrics/compare.json): this run's figures and their differences from the paper's."""
     summary = {}
     for variant in VARIANTS:
         evaluated = stage_metrics["evaluate"][variant]
@@ -159,17 +124,6 @@ def summarise(stage_metrics: dict, references: References, protocol_runs: dict, 
     summary["paper_claim_gap_f1"] = claims["f1"] / 100 - with_metrics["f1_macro"]
     summary["paper_claim_inside_ci95"] = bool(
         with_metrics["test_accuracy_ci95_low"] <= claims["test_accuracy"] / 100 <= with_metrics["test_accuracy_ci95_high"])
-
-    for variant in VARIANTS:
-        runs = {protocol: protocol_runs.get((protocol, variant)) for protocol in PROTOCOLS}
-        for metric in ("test_accuracy", "f1_macro"):
-            values = {protocol: run["metrics"].get(metric) for protocol, run in runs.items() if run is not None}
-            for protocol, value in values.items():
-                if value is not None:
-                    summary[f"{metric}_{protocol}_protocol_{variant}"] = float(value)
-            if values.get("paper") is not None and values.get("official") is not None:
-                summary[f"protocol_effect_{metric}_{variant}"] = float(values["paper"] - values["official"])
-    summary.update(registration)
     return summary
 
 
@@ -215,8 +169,8 @@ def run_setup_lines(setup: dict) -> list[str]:
             "weights.", ""]
 
 
-def render_report(*, protocol: str, stage_metrics: dict, references: References, protocol_runs: dict,
-                  summary: dict, registration_text: str, chart_name: str, metrics_dir: str,
+def render_report(*, protocol: str, stage_metrics: dict, references: References, saved_runs: dict,
+                  saved_dir: str, summary: dict, chart_name: str, metrics_dir: str,
                   run_setup: dict | None = None) -> str:
     claims = references.claims
     evaluated = stage_metrics["evaluate"]
@@ -297,7 +251,7 @@ def render_report(*, protocol: str, stage_metrics: dict, references: References,
         f"(macro-F1 {_points(summary['ablation_delta_f1_macro'])}). Train and validation accuracy come from "
         "`metrics/finetune_<variant>.json` (the checkpoint finetune kept).",
         "",
-        *_protocol_section(protocol_runs),
+        *_protocol_section(saved_runs, saved_dir),
         "",
         "## Why the paper protocol leaks: the validation audit",
         "",
@@ -316,10 +270,6 @@ def render_report(*, protocol: str, stage_metrics: dict, references: References,
             f"Not found: `{metrics_dir}/{name}.json`; run `dvc repro {name}` to produce it."]
         lines.append("")
     lines += [
-        "## Model registry",
-        "",
-        registration_text,
-        "",
         "## The paper's literature table and honest anchors",
         "",
         "Anchors measured on the official FER2013 test split (PrivateTest) or estimated by the dataset's curators:",
@@ -366,50 +316,41 @@ def _audit_headline(validate_metrics: dict) -> str:
             "augmented copies of one original on both sides of the split.")
 
 
-def _protocol_section(protocol_runs: dict) -> list[str]:
+def _protocol_section(saved_runs: dict, saved_dir: str) -> list[str]:
+    """Official and paper protocol side by side, from saved runs whose params differ in the protocol alone."""
     lines = ["## Official vs paper protocol, as measured", ""]
-    if not any(protocol_runs.get(("paper", variant)) for variant in VARIANTS):
-        lines += [
-            "No evaluate run under the paper protocol is in the MLflow store yet, so the effect of augmenting "
-            "before splitting has not been measured. Produce one with",
+    pairs = results.protocol_pairs(saved_runs)
+    if not pairs:
+        return lines + [
+            f"No two runs saved in `{saved_dir}/` differ in `preprocess.protocol` alone, so the effect of augmenting "
+            "before splitting has not been measured for any profile. Run a profile under both protocols and save each:",
             "",
-            "    dvc exp run -S preprocess.protocol=paper",
+            "    dvc exp run -n NAME $(dlfer profile PROFILE) && dlfer results save NAME",
+            "    dvc exp run -n NAME-paper $(dlfer profile PROFILE) -S preprocess.protocol=paper "
+            "&& dlfer results save NAME-paper",
             "",
-            "and rerun compare; this section then shows both protocols side by side.",
-            "",
-        ]
-    lines += ["Most recent finished `evaluate` run per protocol and variant (MLflow tags `protocol`, `variant`):", "",
-              "| variant | metric | official | paper | paper minus official |", "| --- | --- | --- | --- | --- |"]
-    for variant in VARIANTS:
-        official = protocol_runs.get(("official", variant))
-        paper = protocol_runs.get(("paper", variant))
-        for metric in PROTOCOL_METRICS:
-            official_value = official["metrics"].get(metric) if official else None
-            paper_value = paper["metrics"].get(metric) if paper else None
-            difference = paper_value - official_value if official_value is not None and paper_value is not None else None
-            lines.append(f"| {VARIANT_LABELS[variant]} | {metric} | {_percent(official_value)} | "
-                         f"{_percent(paper_value)} | {_points(difference)} |")
-    lines += ["", "Runs used:", ""]
-    for (protocol, variant), run in sorted(protocol_runs.items()):
-        if run is None:
-            lines.append(f"- {protocol} / {variant}: none in the store")
-            continue
-        tags = run["tags"]
-        lines.append(f"- {protocol} / {variant}: run `{run['run_id']}`, git {tags.get('git_commit', '?')[:10]}, "
-                     f"dvc exp `{tags.get('dvc_exp_name') or '-'}`, finetune run `{tags.get('finetune_run_id', '?')}`")
-    for variant in VARIANTS:
-        official = protocol_runs.get(("official", variant))
-        paper = protocol_runs.get(("paper", variant))
-        if not (official and paper):
-            continue
-        if official["finetune_params"] is None or paper["finetune_params"] is None:
-            lines.append(f"- {variant}: the finetune runs' params are not in the store, so other differences "
-                         "between the two columns cannot be listed")
-            continue
-        differing = sorted(key for key in set(official["finetune_params"]) | set(paper["finetune_params"])
-                           if official["finetune_params"].get(key) != paper["finetune_params"].get(key)
-                           and "protocol" not in key)
-        lines.append(f"- {variant}: finetune params that differ besides the protocol: "
-                     + (", ".join(f"{key} ({official['finetune_params'].get(key)} vs "
-                                  f"{paper['finetune_params'].get(key)})" for key in differing) or "none"))
+            "and rerun compare; this section then shows both protocols side by side.", ""]
+    lines += [f"Runs saved in `{saved_dir}/` (`dlfer results save`) whose params differ in the protocol alone: "
+              "the same model trained for the same epochs, so the difference is what the protocol does.", "",
+              "| paper run / official run | model | metric | official | paper | paper minus official |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for paper_name, official_name in pairs:
+        for variant in VARIANTS:
+            official = saved_runs[official_name]["metrics"].get(f"evaluate_{variant}")
+            paper = saved_runs[paper_name]["metrics"].get(f"evaluate_{variant}")
+            if not (official and paper):
+                continue
+            for metric in PROTOCOL_METRICS:
+                official_value, paper_value = official.get(metric), paper.get(metric)
+                difference = (paper_value - official_value
+                              if official_value is not None and paper_value is not None else None)
+                lines.append(f"| `{paper_name}` / `{official_name}` | {VARIANT_LABELS[variant]} | {metric} | "
+                             f"{_percent(official_value)} | {_percent(paper_value)} | {_points(difference)} |")
+        leaked = saved_runs[paper_name]["metrics"].get("evaluate_with_ef_fer1", {})
+        if "leak_test_with_train_sibling" in leaked:
+            lines += ["", f"In `{paper_name}`, {leaked['leak_test_with_train_sibling']} of {leaked['n_test']} test "
+                          f"images have a sibling in train ({leaked['leak_test_with_augmented_sibling']} an augmented "
+                          f"copy, {leaked['leak_test_with_duplicate_in_train']} a duplicate); accuracy on them "
+                          f"{_percent(leaked.get('test_accuracy_with_train_sibling'))}, on the others "
+                          f"{_percent(leaked.get('test_accuracy_without_train_sibling'))}.", ""]
     return lines

@@ -82,7 +82,7 @@ def collect_metrics(metrics_dir: str | Path, names: list[str]) -> dict[str, floa
 
 # Keys that say where the inputs are or how the result is filed, not what is learned.
 PARAMS_THAT_DO_NOT_CHANGE_METRICS = ("fetch.source", "fetch.sha256", "fetch.source_domain",
-                                     "compare.registered_model", "compare.alias")
+                                     "register.registered_model", "register.alias")
 
 
 class BaselineMismatch(ValueError):

@@ -118,9 +118,13 @@ def _read_json(path: Path) -> dict:
         raise ResultsError(f"{path}: not valid JSON ({error}); save the run again with `dlfer results save`") from None
 
 
+def has_runs(root: Path) -> bool:
+    return Path(root).is_dir() and any((path / "metrics").is_dir() for path in Path(root).iterdir())
+
+
 def load_runs(root: Path) -> dict[str, dict]:
     """Every saved run under root, by name: metrics per file stem, params diff, training facts."""
-    runs = {}
+    root, runs = Path(root), {}
     for directory in sorted(path for path in root.iterdir() if (path / "metrics").is_dir()):
         metrics = {path.stem: _read_json(path) for path in sorted((directory / "metrics").glob("*.json"))}
         diff = yaml.safe_load((directory / "params.diff.yaml").read_text()) if (
@@ -147,7 +151,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
-def _protocol(run: dict) -> str:
+def protocol_of(run: dict) -> str:
     return run["metrics"].get("preprocess", {}).get("protocol") or run["metrics"].get(
         "augment_balance", {}).get("protocol") or MISSING
 
@@ -177,7 +181,7 @@ def runs_table(runs: dict) -> list[str]:
             if not evaluate:
                 continue
             finetune = run["metrics"].get(f"finetune_{variant}", {})
-            rows.append([f"`{name}`", _protocol(run), LABELS[variant], _epochs(finetune), _minutes(run, variant),
+            rows.append([f"`{name}`", protocol_of(run), LABELS[variant], _epochs(finetune), _minutes(run, variant),
                          _rate(run, variant), _pct(finetune.get("val_accuracy")),
                          _with_interval(evaluate, "test_accuracy"), _with_interval(evaluate, "f1_macro"),
                          str(evaluate.get("n_test", MISSING))])
@@ -205,18 +209,27 @@ def ablation_lines(runs: dict, claims: dict) -> list[str]:
             f"{claims['ablation']['without_ef_fer1']['test_accuracy']:.2f}) on its own leaky split.", ""]
 
 
+def protocol_pairs(runs: dict) -> list[tuple[str, str]]:
+    """(paper run, official run): saved runs whose params differ in preprocess.protocol alone, so the
+    difference of their scores is the protocol's effect (same model, epochs and budget)."""
+    def settings(run: dict) -> dict:
+        return {key: value for key, value in run["params"].items() if key != "preprocess.protocol"}
+
+    return [(paper_name, official_name) for paper_name, paper in runs.items() if protocol_of(paper) == "paper"
+            for official_name, official in runs.items()
+            if protocol_of(official) == "official" and settings(official) == settings(paper)]
+
+
 def leak_lines(runs: dict, claims: dict) -> list[str]:
-    rows, by_protocol = [], {}
+    rows = []
     for name, run in runs.items():
         evaluate = run["metrics"].get("evaluate_with_ef_fer1", {})
         if "leak_test_with_train_sibling" not in evaluate:
             continue
-        protocol = _protocol(run)
-        by_protocol.setdefault(protocol, (name, evaluate))
         with_sibling, without = (evaluate.get("test_accuracy_with_train_sibling"),
                                  evaluate.get("test_accuracy_without_train_sibling"))
         gap = MISSING if with_sibling is None or without is None else f"{100 * (with_sibling - without):+.2f}"
-        rows.append([f"`{name}`", protocol, _pct(evaluate["test_accuracy"]),
+        rows.append([f"`{name}`", protocol_of(run), _pct(evaluate["test_accuracy"]),
                      f"{evaluate['leak_test_with_train_sibling']} of {evaluate['n_test']} "
                      f"({100 * evaluate['leak_share_of_test']:.1f}%)",
                      str(evaluate["leak_test_with_augmented_sibling"]), str(evaluate["leak_test_with_duplicate_in_train"]),
@@ -229,9 +242,12 @@ def leak_lines(runs: dict, claims: dict) -> list[str]:
              "EF-FER1 in every row.", "",
              *_table(["run", "protocol", "test acc", "test images with a sibling in train", "augmented copy",
                       "duplicate", "acc with sibling", "acc without", "gap (points)"], rows), ""]
-    if "paper" in by_protocol and "official" in by_protocol:
-        (paper_name, paper), (official_name, official) = by_protocol["paper"], by_protocol["official"]
-        lines += [f"Same profile, two protocols: `{paper_name}` scores "
+    for paper_name, official_name in protocol_pairs(runs):
+        paper = runs[paper_name]["metrics"].get("evaluate_with_ef_fer1")
+        official = runs[official_name]["metrics"].get("evaluate_with_ef_fer1")
+        if not (paper and official):
+            continue
+        lines += [f"Same params but the protocol: `{paper_name}` scores "
                   f"{100 * (paper['test_accuracy'] - official['test_accuracy']):+.2f} points against `{official_name}` "
                   f"({_pct(paper['test_accuracy'])} vs {_pct(official['test_accuracy'])}). The paper reports "
                   f"{claims['test_accuracy']:.2f} with EF-FER1 and "

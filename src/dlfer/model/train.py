@@ -70,11 +70,19 @@ class TrainingSettings:
         return augmentation if augmentation.active else None
 
     @classmethod
-    def from_params(cls, section, seed: int, **overrides) -> "TrainingSettings":
-        """Settings from a params dataclass (finetune or pretrain); fields it lacks keep their defaults."""
+    def from_params(cls, section, seed: int, **fixed) -> "TrainingSettings":
+        """Settings from a params dataclass (finetune or pretrain) and the caller's fixed choices.
+
+        Every setting comes from one of the two, never from a default here: a params key that is
+        renamed or missing stops the stage instead of training with a value nobody chose.
+        """
         names = {field.name for field in dataclasses.fields(cls)} - {"seed"}
         values = {name: getattr(section, name) for name in names if hasattr(section, name)}
-        return cls(seed=seed, **{**values, **overrides})
+        missing = sorted(names - set(values) - set(fixed))
+        if missing:
+            raise ValueError(f"{type(section).__name__} has no {', '.join(missing)}: add them to params.yaml "
+                             "(and its dataclass in dlfer/params.py) or fix them in the stage that trains")
+        return cls(seed=seed, **{**values, **fixed})
 
 
 @dataclasses.dataclass

@@ -1,8 +1,10 @@
 """Registering the fine-tuned model in the MLflow Model Registry, with a guarded champion alias.
 
-Every compare run registers the `with_ef_fer1` model as a new version of one registered model
-and gives it the candidate alias (params compare.alias). The `champion` alias moves to the new
-version only when its validation macro-F1 beats the current champion's. The decision never
+The register stage adds the `with_ef_fer1` model as a new version of one registered model and
+gives it the candidate alias (params register.alias). The `champion` alias moves to the new
+version only when its validation macro-F1 beats the current champion's on the same validation
+images (the sha256 of data/balanced/val.npz, a tag of each version): scores on another data copy,
+or another split, are not comparable, so such a champion stays until a person moves the alias. The decision never
 looks at test metrics: choosing a model on the test split would make the test score a
 selection score and bias it upwards. Each version carries its val_macro_f1 as a tag, so the
 comparison needs nothing but the registry.
@@ -56,7 +58,7 @@ class Registration:
     reason: str
 
     def as_metrics(self) -> dict:
-        """The numeric facts for metrics/compare.json, prefixed registry_; absent values are left out."""
+        """The numeric facts for metrics/register.json, prefixed registry_; absent values are left out."""
         values = {
             "registry_version": self.version,
             "registry_val_macro_f1": self.val_macro_f1,
@@ -68,7 +70,7 @@ class Registration:
         return {key: value for key, value in values.items() if value is not None}
 
     def describe(self) -> str:
-        """Markdown lines for the compare report."""
+        """Markdown lines that say what was registered and why the champion did or did not move."""
         previous = ("none" if self.previous_champion_version is None else
                     f"version {self.previous_champion_version} (validation macro-F1 "
                     + ("untagged" if self.previous_champion_val_macro_f1 is None
@@ -83,17 +85,19 @@ class Registration:
 
 
 def register_candidate(*, model_name: str, alias: str, finetune_run_id: str, model_file: str | Path,
-                       val_macro_f1: float, protocol: str, artifact_run_id: str) -> Registration:
+                       val_macro_f1: float, val_data_sha256: str, protocol: str,
+                       artifact_run_id: str) -> Registration:
     """Register the finetune run's model as a new version; set `alias`; move `champion` if it is better.
 
-    artifact_run_id is the active run (compare's) that receives model.keras when the finetune
-    run logged no MLflow model.
+    artifact_run_id is the active run (register's) that receives model.keras when the finetune
+    run logged no MLflow model. val_data_sha256 identifies the validation images val_macro_f1 was
+    measured on.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
     if alias == CHAMPION_ALIAS:
-        raise RegistryError(f"params.yaml: compare.alias must not be {CHAMPION_ALIAS!r}; that alias moves only on a "
+        raise RegistryError(f"params.yaml: register.alias must not be {CHAMPION_ALIAS!r}; that alias moves only on a "
                             "better validation macro-F1. Use e.g. 'candidate'")
     if not isinstance(val_macro_f1, (int, float)) or math.isnan(val_macro_f1):
         raise RegistryError(f"val_macro_f1 must be a number, got {val_macro_f1!r}; check metrics/finetune_*.json")
@@ -107,12 +111,14 @@ def register_candidate(*, model_name: str, alias: str, finetune_run_id: str, mod
 
     registered = _registered_model(client, model_name)
     previous_version = registered.aliases.get(CHAMPION_ALIAS)
-    previous_score = None
+    previous_score = previous_data = None
     if previous_version is not None:
-        previous_score = _score_tag(client.get_model_version(model_name, previous_version))
+        previous = client.get_model_version(model_name, previous_version)
+        previous_score, previous_data = _score_tag(previous), previous.tags.get("val_data_sha256")
     previous_version = int(previous_version) if previous_version is not None else None
 
-    tags = {"val_macro_f1": repr(float(val_macro_f1)), "finetune_run_id": finetune_run_id, "protocol": protocol}
+    tags = {"val_macro_f1": repr(float(val_macro_f1)), "val_data_sha256": val_data_sha256,
+            "finetune_run_id": finetune_run_id, "protocol": protocol}
     if _has_logged_model(client, finetune_run):
         tags["model_format"] = "mlflow_model"
         version = mlflow.register_model(f"runs:/{finetune_run_id}/{FINETUNE_MODEL_NAME}", model_name, tags=tags)
@@ -129,7 +135,8 @@ def register_candidate(*, model_name: str, alias: str, finetune_run_id: str, mod
         version = client.create_model_version(model_name, source=source, run_id=artifact_run_id, tags=tags)
     client.set_registered_model_alias(model_name, alias, version.version)
 
-    moved, reason = _champion_decision(float(val_macro_f1), protocol, previous_version, previous_score)
+    moved, reason = _champion_decision(float(val_macro_f1), protocol, previous_version, previous_score,
+                                       same_validation=previous_data == val_data_sha256)
     if moved:
         client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
     return Registration(
@@ -146,8 +153,8 @@ def register_candidate(*, model_name: str, alias: str, finetune_run_id: str, mod
     )
 
 
-def _champion_decision(score: float, protocol: str, previous_version: int | None,
-                       previous_score: float | None) -> tuple[bool, str]:
+def _champion_decision(score: float, protocol: str, previous_version: int | None, previous_score: float | None,
+                       same_validation: bool) -> tuple[bool, str]:
     if protocol != "official":
         return False, (f"not promoted: trained under the {protocol} protocol, whose validation split leaks "
                        "augmented copies of training images, so its validation macro-F1 is not comparable")
@@ -156,6 +163,10 @@ def _champion_decision(score: float, protocol: str, previous_version: int | None
     if previous_score is None:
         return False, (f"not promoted: champion version {previous_version} has no val_macro_f1 tag to compare with; "
                        "tag it or move the alias by hand")
+    if not same_validation:
+        return False, (f"not promoted: champion version {previous_version} was scored on other validation images "
+                       "(another data copy or split), so the scores are not comparable; move the alias by hand "
+                       "(MlflowClient().set_registered_model_alias) if the new data should win")
     if score > previous_score:
         return True, f"promoted: validation macro-F1 {score:.4f} beats champion's {previous_score:.4f}"
     return False, f"not promoted: validation macro-F1 {score:.4f} does not beat champion's {previous_score:.4f}"
@@ -164,7 +175,7 @@ def _champion_decision(score: float, protocol: str, previous_version: int | None
 REGISTERED_MODEL_DESCRIPTION = (
     "EF-FER2: EfficientNet fine-tuned on FER2013 (7 emotions, Kaggle order: angry, disgust, fear, happy, sad, "
     "surprise, neutral). Input (N, 48, 48, 1) float32 grey pixels 0-255, output (N, 7) softmax. Each version is "
-    "registered by the compare stage of a dlfer run; the alias champion holds the best validation macro-F1, "
+    "registered by the register stage of a dlfer run; the alias champion holds the best validation macro-F1, "
     "candidate the latest run. Its run's model card and test figures are in the finetune and evaluate runs.")
 
 
