@@ -25,6 +25,7 @@ from dlfer.files import atomic_path, write_json
 from dlfer.params import VARIANTS, load_params
 from dlfer.tracking import configure, log_numeric_metrics, stage_run
 
+
 def draw_chart(path: Path, references: compare.References, stage_metrics: dict, saved_runs: dict,
                protocol: str) -> None:
     """Horizontal bars of test accuracy: paper's claims, this run (95% CI), saved protocol pairs, anchors."""
@@ -98,7 +99,7 @@ def main(
             saved_dir=str(saved_runs_dir), summary=summary,
             chart_name=os.path.relpath(chart_path, report_path.parent), metrics_dir=str(metrics_dir),
             run_setup={"pretrain_source": params.pretrain.source, "pretrain_backbone": params.pretrain.backbone,
-                       "finetune_backbone": params.finetune.backbone, "image_size": params.preprocess.image_size})
+                       "finetune_backbone": params.finetune.backbone, "image_size": params.finetune.image_size})
 
         with atomic_path(chart_path) as temporary:
             draw_chart(temporary, references, stage_metrics, saved_runs, protocol)

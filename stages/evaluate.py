@@ -27,10 +27,10 @@ import pandas as pd
 import typer
 
 from dlfer.evaluation import leak, metrics
-from dlfer.registry import finetune_run_id
 from dlfer.fer2013 import EMOTIONS, IMAGE_SIDE
 from dlfer.files import atomic_directory, sha256_of_file, write_json
 from dlfer.params import load_params
+from dlfer.registry import finetune_run_id
 from dlfer.tracking import configure, log_numeric_metrics, stage_run
 
 # Inference batch size changes speed, never results (no layer mixes images at inference time).

@@ -12,7 +12,7 @@ Writes  --out                models/finetune/<variant>/: model.keras (the whole 
                              the metrics of a run never killed; a params or data change starts fresh)
         --metrics            metrics/finetune_<variant>.json: only figures a rerun reproduces (no timings)
         --plots              plots/finetune_<variant>.csv: per-epoch train/val accuracy and loss (paper Fig. 5)
-Params  seed, preprocess.* (image_size, channels; protocol as MLflow tag), augment_balance.* (provenance only),
+Params  seed, preprocess.protocol (MLflow tag), augment_balance.* (provenance only),
         pretrain.* (source, backbone), finetune.*
 MLflow  run finetune_<variant>, tags stage=finetune, variant, protocol, resumed_at_epoch; params, per-epoch
         and final metrics (timings among them), the model (name "model"), provenance.json and the plots CSV
@@ -88,7 +88,7 @@ def pretrained_backbone(variant: str, params, pretrained_dir: Path):
     weights_path = pretrained_dir / "backbone.weights.h5"
     if not weights_path.is_file():
         raise FinetuneInputError(f"{weights_path}: not found; rerun `dvc repro pretrain`")
-    source = backbones.build_backbone(provenance["backbone"], params.preprocess.image_size,
+    source = backbones.build_backbone(provenance["backbone"], params.finetune.image_size,
                                    channels=provenance.get("channels", 3))
     source.load_weights(weights_path)
     return source, {"initialisation": f"EF-FER1 ({provenance['source']})",
@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
                                                 {**logged_params, **data_hashes, **initialisation})
 
     def build():
-        return backbones.build_classifier(finetune.backbone, preprocess.image_size, preprocess.channels,
-                                       finetune.dropout, pretrained_backbone=source)
+        return backbones.build_classifier(finetune.backbone, finetune.image_size, finetune.channels,
+                                          finetune.dropout, pretrained_backbone=source,
+                                          batch_norm_momentum=finetune.batch_norm_momentum)
 
     # A killed run left its MLflow run RUNNING and its id beside its training state: continue that run.
     run_context = (tracking.stage_run("finetune", logged_params, run_name=f"finetune_{arguments.variant}",

@@ -7,7 +7,7 @@ Writes  data/prepared/dataset.npz: images (N,48,48) uint8, labels (N,), ids (N,)
 Params  seed, preprocess.protocol, preprocess.drop_*, preprocess.subset_per_class
 
 Images stay 48x48 uint8 here: at the paper's 224x224x3 float32, Training alone is 17 GB. The
-model resizes inside itself (preprocess.image_size, preprocess.channels, read by finetune), so
+model resizes inside itself (finetune.image_size, finetune.channels), so
 the stored data is 83 MB and inference cannot drift from training.
 """
 

@@ -80,7 +80,8 @@ def train_from_scratch(domain: dict, params, checkpoints: Path):
 
     def build():
         return backbones.build_pretrain_classifier(pretrain.backbone, pretrain.image_size, num_classes,
-                                                PRETRAIN_HEAD_DROPOUT, input_size=stored_size)
+                                                   PRETRAIN_HEAD_DROPOUT, input_size=stored_size,
+                                                   batch_norm_momentum=pretrain.batch_norm_momentum)
 
     settings = train.TrainingSettings.from_params(pretrain, params.seed, **FIXED_TRAINING_SETTINGS)
     checkpoint_dir = train.keyed_checkpoint_dir(checkpoints, {"seed": params.seed, "pretrain": params.section("pretrain"),

@@ -40,7 +40,7 @@ def test_two_cpu_workers_train_and_only_the_chief_writes_and_logs(tmp_path):
                  labels=np.arange(count) % 7, ids=np.array([f"{split}_{i}" for i in range(count)]))
     pd.DataFrame({"image_id": ["x"], "blank": [False]}).to_parquet(tmp_path / "data" / "audit.parquet")
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    params["preprocess"].update(image_size=32, channels=3)
+    params["finetune"].update(image_size=32, channels=3)
     params["finetune"].update(backbone="efficientnet_lite0", epochs=1, batch_size=14, max_seconds=0,
                               distribution="multi_worker")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

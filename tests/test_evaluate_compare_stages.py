@@ -45,7 +45,7 @@ def workspace(tmp_path_factory):
     params = yaml.safe_load((REPOSITORY / "params.yaml").read_text())
     params["evaluate"].update(flip_tta=True, bootstrap_samples=200)
     # The toy models are B0 at 48 px with EF-FER1 from scratch, whatever the CPU profile trains.
-    params["preprocess"].update(image_size=48, channels=3)
+    params["finetune"].update(image_size=48, channels=3)
     params["pretrain"].update(source="scratch", backbone="efficientnet_b0")
     params["finetune"]["backbone"] = "efficientnet_b0"
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -329,7 +329,7 @@ def test_compare_names_the_ef_fer1_source(workspace, store_copy, tmp_path):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["pretrain"].update(source="imagenet", backbone="efficientnet_lite0")
     params["finetune"]["backbone"] = "efficientnet_lite0"
-    params["preprocess"]["image_size"] = 64
+    params["finetune"]["image_size"] = 64
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params))
     result = run_stage("compare.py", [
         "--params", run_dir / "params.yaml", "--metrics-dir", run_dir / "metrics", "--references",

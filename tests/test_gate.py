@@ -1,8 +1,10 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from dlfer.evaluation import gate
 
@@ -79,3 +81,14 @@ def test_check_never_holds_a_run_against_another_profiles_baseline(tmp_path):
     assert dlfer("baseline", "--out", "baselines/long.json", cwd=tmp_path).returncode == 0
     found = dlfer("check", cwd=tmp_path)
     assert found.returncode == 0 and "against baselines/long.json" in found.stdout
+
+
+def test_the_committed_ci_baseline_was_made_with_the_ci_profile_on_todays_params():
+    """A renamed or added param must reach baselines/ci.json too, or CI's gate refuses its own run."""
+    from dlfer.cli.app import apply_overrides, load_profile
+
+    project = Path(__file__).resolve().parents[1]
+    params = apply_overrides(yaml.safe_load((project / "params.yaml").read_text()),
+                             load_profile(str(project / "profiles" / "ci.yaml")))
+    baseline = json.loads((project / "baselines" / "ci.json").read_text())
+    assert gate.params_differences(baseline["params"], gate.flat_params(params)) == []

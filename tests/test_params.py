@@ -37,7 +37,7 @@ OUT_OF_RANGE = [
     ("validate.max_sharpness_ratio", 1.0, "> 1"),
     ("validate.max_sharpness_ratio", 0.5, "> 1"),
     ("preprocess.subset_per_class", -5, ">= 0"),
-    ("preprocess.image_size", 16, ">= 32"),
+    ("finetune.image_size", 16, ">= 32"),
     ("augment_balance.target_per_class", -1, ">= 0"),
     ("augment_balance.max_copies_per_image", -1, ">= 0"),
     ("augment_balance.rotation_degrees", -10.0, ">= 0 and <= 180"),
@@ -78,7 +78,7 @@ def test_out_of_range_value_stops_at_load_naming_key_value_and_range(tmp_path, d
     ("seed", 0), ("validate.near_duplicate_max_distance", 0), ("validate.near_duplicate_max_distance", 64),
     ("validate.blank_max_std", 0), ("validate.max_sharpness_ratio", 1.01), ("augment_balance.horizontal_flip", 1.0),
     ("augment_balance.horizontal_flip", 0), ("augment_balance.rotation_degrees", 180), ("augment_balance.zoom", 0),
-    ("preprocess.image_size", 32), ("finetune.max_seconds", 0), ("finetune.dropout", 0.0),
+    ("finetune.image_size", 32), ("finetune.max_seconds", 0), ("finetune.dropout", 0.0),
     ("finetune.beta_1", 0.99), ("evaluate.bootstrap_samples", 1),
 ])
 def test_the_edges_of_each_range_load(tmp_path, dotted, value):

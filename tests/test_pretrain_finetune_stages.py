@@ -39,7 +39,7 @@ def real_faces(per_class: int, usage_prefix: str) -> tuple[np.ndarray, np.ndarra
 
 def write_params(directory: Path, **sections) -> Path:
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    params["preprocess"].update(image_size=32, channels=3)
+    params["finetune"].update(image_size=32, channels=3)
     params["pretrain"].update(source="scratch", backbone="efficientnet_b0", image_size=32, epochs=1, batch_size=8,
                               max_seconds=0)
     params["finetune"].update(backbone="efficientnet_b0", epochs=2, batch_size=16, max_seconds=0)

@@ -61,14 +61,10 @@ class PreprocessParams:
     drop_train_duplicates_of_eval: bool
     drop_conflicting_labels: bool
     subset_per_class: int
-    image_size: int
-    channels: int
 
     def __post_init__(self):
         _require_choice("preprocess.protocol", self.protocol, ("official", "paper"))
-        _require_choice("preprocess.channels", self.channels, (1, 3))
         _require_range("preprocess.subset_per_class", self.subset_per_class, minimum=0)
-        _require_range("preprocess.image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +103,7 @@ class PretrainParams:
     label_smoothing: float
     lr_schedule: str
     monitor: str
+    batch_norm_momentum: float
     max_seconds: float
 
     def __post_init__(self):
@@ -118,6 +115,8 @@ class PretrainParams:
 @dataclasses.dataclass(frozen=True)
 class FinetuneParams:
     backbone: str
+    image_size: int
+    channels: int
     epochs: int
     batch_size: int
     optimizer: str
@@ -130,6 +129,7 @@ class FinetuneParams:
     early_stopping_patience: int
     monitor: str
     dropout: float
+    batch_norm_momentum: float
     max_seconds: float
     mixed_precision: str
     jit_compile: str
@@ -140,6 +140,8 @@ class FinetuneParams:
     online_zoom: float
 
     def __post_init__(self):
+        _require_range("finetune.image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
+        _require_choice("finetune.channels", self.channels, (1, 3))
         _require_choice("finetune.class_weights", self.class_weights, ("none", "balanced"))
         for key in ("mixed_precision", "jit_compile"):
             _require_choice(f"finetune.{key}", getattr(self, key), ("auto", "on", "off"))
@@ -225,6 +227,7 @@ def _require_training_settings(section: str, params) -> None:
     _require_range(f"{section}.label_smoothing", params.label_smoothing, minimum=0, maximum=1, below=True)
     _require_choice(f"{section}.lr_schedule", params.lr_schedule, ("constant", "cosine", "plateau"))
     _require_choice(f"{section}.monitor", params.monitor, ("val_accuracy", "val_loss"))
+    _require_range(f"{section}.batch_norm_momentum", params.batch_norm_momentum, minimum=0, maximum=1, below=True)
     _require_range(f"{section}.max_seconds", params.max_seconds, minimum=0)  # 0 = no limit
 
 

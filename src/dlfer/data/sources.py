@@ -61,7 +61,9 @@ EXTERNAL_FILES = ("fer2013.zip", "archive.zip", "fer2013.csv", "fer2013.csv.gz")
 EXTERNAL_FOLDERS = ("fer2013", "archive", ".")
 FER2013_SPLITS = ("train", "test")
 SOURCE_DOMAIN_SPLITS = ("train", "val")
-SPLIT_OF_USAGE = {"Training": "train", "PublicTest": "test", "PrivateTest": "test"}
+# The Kaggle image-folder layout: which top folder (train/ or test/) holds each official usage. Not the
+# pipeline's splits (dlfer.data.splits.SPLIT_OF_USAGE puts PublicTest in val).
+FOLDER_OF_USAGE = {"Training": "train", "PublicTest": "test", "PrivateTest": "test"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 JUNK_NAMES = ("__MACOSX", "Thumbs.db", "desktop.ini")
 # Pillow modes that hold one grey band; they become 8-bit 'L'. Every other mode becomes RGB.
@@ -269,8 +271,8 @@ def parse_fer2013_member(member: str) -> tuple[str, int]:
     if usage not in USAGES:
         raise FetchError(f"unknown usage prefix '{usage}'; file names start with "
                          f"{', '.join(usage + '_' for usage in USAGES)}")
-    if SPLIT_OF_USAGE[usage] != split:
-        raise FetchError(f"a {usage} image in {split}/; {usage} images belong in {SPLIT_OF_USAGE[usage]}/")
+    if FOLDER_OF_USAGE[usage] != split:
+        raise FetchError(f"a {usage} image in {split}/; {usage} images belong in {FOLDER_OF_USAGE[usage]}/")
     return usage, LABEL_OF_EMOTION[emotion.lower()]
 
 

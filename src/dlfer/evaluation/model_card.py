@@ -142,14 +142,13 @@ def _section(facts: dict, name: str) -> dict:
 def _details(facts: dict, protocol: str) -> str:
     provenance = facts["provenance"][VARIANTS[0]]
     finetune = _section(facts, "finetune")
-    preprocess = _section(facts, "preprocess")
     rows = [
         ["task", "facial expression recognition: one of 7 emotions (Kaggle FER2013 order: "
                  + ", ".join(EMOTIONS) + ") for one face crop"],
         ["architecture", f"EfficientNet backbone `{plain(finetune.get('backbone'))}`, global average pooling, "
                          f"dropout {plain(finetune.get('dropout'))}, dense softmax head"],
         ["input", "(N, 48, 48, 1) greyscale pixels 0-255; inside the model: resize to "
-                  f"{plain(preprocess.get('image_size'))}, grey repeated to {plain(preprocess.get('channels'))} "
+                  f"{plain(finetune.get('image_size'))}, grey repeated to {plain(finetune.get('channels'))} "
                   "channel(s), the backbone's own input scaling"],
         ["output", "(N, 7) probabilities summing to 1"],
         ["initialisation", plain(provenance.get("initialisation"))],

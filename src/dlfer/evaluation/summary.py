@@ -48,7 +48,7 @@ def render_summary(metrics_dir: Path, references: Path, params: Path, reports_di
     pretrain, tuned = settings.get("pretrain", {}), settings.get("finetune", {})
     test_split = "official PrivateTest" if protocol == "official" else "the paper's random 20% (leaks, see the report)"
     lines = [f"dlfer: DLFER on FER2013, protocol {protocol}: EF-FER1 = {pretrain.get('backbone')} "
-             f"({pretrain.get('source')}), EF-FER2 fine-tuned at {settings.get('preprocess', {}).get('image_size')} px, "
+             f"({pretrain.get('source')}), EF-FER2 fine-tuned at {tuned.get('image_size')} px, "
              f"{tuned.get('epochs')} epoch(s); test split: {test_split}", "",
              f"{'':26}{'test accuracy % (95% CI)':>26}{'macro-F1 % (95% CI)':>24}{'val acc %':>11}  epochs"]
     for variant in VARIANTS:

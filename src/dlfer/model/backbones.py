@@ -1,8 +1,8 @@
 """EF-FER1 and EF-FER2: an EfficientNet backbone, and the 7-way emotion classifier built around it.
 
 EF-FER2 takes what the data stages store, (48, 48, 1) greyscale pixels as raw 0-255 floats, and
-does all of its preprocessing itself: resize to preprocess.image_size, repeat grey to
-preprocess.channels, then the backbone's own input scaling. A saved model.keras therefore needs
+does all of its preprocessing itself: resize to finetune.image_size, repeat grey to
+finetune.channels, then the backbone's own input scaling. A saved model.keras therefore needs
 nothing but pixels, and inference cannot drift from training.
 
 Input scaling differs from the paper's "divide by 255" (section 2.2): Keras' EfficientNet starts
@@ -45,11 +45,8 @@ KERAS_WEIGHTS_URL = "https://storage.googleapis.com/keras-applications/"
 # layer that only exists when weights="imagenet" (tensorflow/tensorflow#49930). We build one
 # architecture for every weight source and store the true variance (std squared) instead.
 IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
-# BatchNorm moving-average momentum of EF-FER1 and EF-FER2 (PyTorch's default; Keras uses 0.99).
-# At 0.99 the moving statistics average over ~100 steps and lag behind weights that Adam moves
-# fast; in inference mode the network then answers one class for every image, training images
-# included (B0 from random init, 200 steps on real FER2013: 16% in inference mode vs 23% with
-# statistics recomputed on training data; at 0.9: 23%). The lag weighs most on short runs.
+# BatchNorm moving-average momentum when a caller gives none (PyTorch's default; Keras uses 0.99). The
+# stages pass pretrain.batch_norm_momentum / finetune.batch_norm_momentum; params.yaml says why 0.9.
 BATCH_NORM_MOMENTUM = 0.9
 
 
@@ -70,7 +67,7 @@ def build_backbone(name: str, image_size: int, weights: str | Path | None = None
     if channels not in (1, 3):
         raise ModelError(f"channels must be 1 or 3, got {channels}")
     if weights is not None and channels != 3:
-        raise ModelError(f"pretrained {name} weights expect 3 input channels; set preprocess.channels: 3 "
+        raise ModelError(f"pretrained {name} weights expect 3 input channels; set finetune.channels: 3 "
                          "or train from random weights")
     input_shape = (image_size, image_size, channels)
     if name == LITE0:
