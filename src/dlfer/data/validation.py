@@ -420,6 +420,58 @@ class ImageAudit:
     counts: dict
 
 
+@dataclasses.dataclass(frozen=True)
+class _Contents:
+    """Distinct pixel contents: a code per image (numbered by first appearance) and, per content,
+    its number of copies, the first image holding it, and bitmasks of the usages and labels of its copies."""
+    of_image: np.ndarray
+    copies: np.ndarray
+    first_image: np.ndarray
+    usages: np.ndarray
+    labels: np.ndarray
+
+
+def _distinct_contents(images: np.ndarray, usage_bit: np.ndarray, label_bit: np.ndarray) -> _Contents:
+    count = len(images)
+    content, _ = pd.factorize(pd.Series([row.tobytes() for row in images.reshape(count, -1)], dtype=object))
+    content_count = int(content.max()) + 1 if count else 0
+    usages = np.zeros(content_count, np.int64)
+    labels = np.zeros(content_count, np.int64)
+    np.bitwise_or.at(usages, content, usage_bit)
+    np.bitwise_or.at(labels, content, label_bit)
+    first_image = np.full(content_count, count, np.int64)
+    np.minimum.at(first_image, content, np.arange(count))
+    return _Contents(content, np.bincount(content, minlength=content_count), first_image, usages, labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class _NearDuplicates:
+    """Pairs of distinct contents with close perceptual hashes, and per content the usages and labels of
+    its partners (bitmasks) and its near group (-1: none)."""
+    first: np.ndarray
+    second: np.ndarray
+    distance: np.ndarray
+    partner_usages: np.ndarray
+    partner_labels: np.ndarray
+    group_of_content: np.ndarray
+    has_partner: np.ndarray
+
+
+def _near_duplicates(contents: _Contents, hashes: np.ndarray, blank: np.ndarray, max_distance: int) -> _NearDuplicates:
+    """Blank contents are left out: every near-constant image hashes alike."""
+    content_count = len(contents.copies)
+    candidates = np.flatnonzero(~blank[contents.first_image])
+    first, second, distance = near_duplicate_pairs(hashes[contents.first_image[candidates]], max_distance)
+    first, second = candidates[first], candidates[second]
+    partner_usages = np.zeros(content_count, np.int64)
+    partner_labels = np.zeros(content_count, np.int64)
+    for one, other in ((first, second), (second, first)):
+        np.bitwise_or.at(partner_usages, one, contents.usages[other])
+        np.bitwise_or.at(partner_labels, one, contents.labels[other])
+    component, has_partner = connected_components(content_count, first, second)
+    return _NearDuplicates(first, second, distance, partner_usages, partner_labels, component, has_partner)
+
+
 def audit_images(images: np.ndarray, usages, labels, blank_max_std: float,
                  near_duplicate_max_distance: int) -> ImageAudit:
     """Blank images, exact and near duplicates, and which of them cross usages or disagree on labels.
@@ -430,45 +482,21 @@ def audit_images(images: np.ndarray, usages, labels, blank_max_std: float,
     `near_duplicate_max_distance` bits; blank images are left out there, since every
     near-constant image hashes alike. Copies of one content share its near group.
     """
-    count = len(images)
     usage_index = np.array([USAGES.index(usage) for usage in usages], dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
-    usage_bit = np.left_shift(1, usage_index)
-    label_bit = np.left_shift(1, labels)
-    flat = images.reshape(count, -1)
-
+    usage_bit, label_bit = np.left_shift(1, usage_index), np.left_shift(1, labels)
     std = pixel_std(images)
     blank = std < blank_max_std
     hashes = perceptual_hashes(images)
+    contents = _distinct_contents(images, usage_bit, label_bit)
+    near = _near_duplicates(contents, hashes, blank, near_duplicate_max_distance)
 
-    # One code per distinct content, numbered by first appearance.
-    content, _ = pd.factorize(pd.Series([row.tobytes() for row in flat], dtype=object))
-    content_count = int(content.max()) + 1 if count else 0
-    copies = np.bincount(content, minlength=content_count)
-    exact_group = number_groups(content, copies[content] > 1)
-    usages_of_content = np.zeros(content_count, np.int64)
-    labels_of_content = np.zeros(content_count, np.int64)
-    np.bitwise_or.at(usages_of_content, content, usage_bit)
-    np.bitwise_or.at(labels_of_content, content, label_bit)
-    first_row_of_content = np.full(content_count, count, np.int64)
-    np.minimum.at(first_row_of_content, content, np.arange(count))
-
-    candidates = np.flatnonzero(~blank[first_row_of_content])
-    candidate_hashes = hashes[first_row_of_content[candidates]]
-    first, second, distance = near_duplicate_pairs(candidate_hashes, near_duplicate_max_distance)
-    first, second = candidates[first], candidates[second]
-    partner_usages = np.zeros(content_count, np.int64)
-    partner_labels = np.zeros(content_count, np.int64)
-    for one, other in ((first, second), (second, first)):
-        np.bitwise_or.at(partner_usages, one, usages_of_content[other])
-        np.bitwise_or.at(partner_labels, one, labels_of_content[other])
-    component, has_partner = connected_components(content_count, first, second)
-    near_group = number_groups(component[content], has_partner[content])
-
-    cross_usage_exact = (usages_of_content[content] & ~usage_bit) != 0
-    cross_usage_near = (partner_usages[content] & ~usage_bit) != 0
-    training_exact = (usages_of_content[content] & TRAINING_BIT) != 0
-    training_near = (partner_usages[content] & TRAINING_BIT) != 0
+    content = contents.of_image
+    exact_group = number_groups(content, contents.copies[content] > 1)
+    near_group = number_groups(near.group_of_content[content], near.has_partner[content])
+    # Per image: whether its copies (exact) or its near partners sit in another usage, in Training, or
+    # carry another label; the bitmasks of its content against its own usage's and label's bit.
+    copies_usages, partners_usages = contents.usages[content], near.partner_usages[content]
     is_training = usage_index == USAGES.index("Training")
     frame = pd.DataFrame({
         "blank": blank,
@@ -476,31 +504,40 @@ def audit_images(images: np.ndarray, usages, labels, blank_max_std: float,
         "phash": [f"{value:016x}" for value in hashes.tolist()],
         "exact_group": exact_group,
         "near_group": near_group,
-        "cross_usage_exact": cross_usage_exact,
-        "cross_usage_near": cross_usage_near,
-        "cross_usage_duplicate": cross_usage_exact | cross_usage_near,
-        "duplicate_of_eval": is_training & ((usages_of_content[content] & EVALUATION_BITS) != 0),
-        "label_conflict": (labels_of_content[content] & ~label_bit) != 0,
-        "label_conflict_near": (partner_labels[content] & ~label_bit) != 0,
+        "cross_usage_exact": (copies_usages & ~usage_bit) != 0,
+        "cross_usage_near": (partners_usages & ~usage_bit) != 0,
+        "duplicate_of_eval": is_training & ((copies_usages & EVALUATION_BITS) != 0),
+        "label_conflict": (contents.labels[content] & ~label_bit) != 0,
+        "label_conflict_near": (near.partner_labels[content] & ~label_bit) != 0,
     })
-    near_pairs = pd.DataFrame({"first": first_row_of_content[first], "second": first_row_of_content[second],
-                               "distance": distance.astype(np.int64)})
+    frame.insert(7, "cross_usage_duplicate", frame["cross_usage_exact"] | frame["cross_usage_near"])
+    near_pairs = pd.DataFrame({"first": contents.first_image[near.first], "second": contents.first_image[near.second],
+                               "distance": near.distance.astype(np.int64)})
+    counts = _audit_counts(frame, contents, near_pairs, usage_index,
+                           training_exact=(copies_usages & TRAINING_BIT) != 0,
+                           training_near=(partners_usages & TRAINING_BIT) != 0)
+    return ImageAudit(frame=frame, near_pairs=near_pairs, counts=counts)
 
+
+def _audit_counts(frame: pd.DataFrame, contents: _Contents, near_pairs: pd.DataFrame, usage_index: np.ndarray,
+                  training_exact: np.ndarray, training_near: np.ndarray) -> dict:
+    copies = contents.copies
+    duplicated = copies > 1
     counts = {
-        "blank_images": int(blank.sum()),
-        "exact_duplicate_groups": int((copies > 1).sum()),
-        "exact_duplicate_images": int((exact_group >= 0).sum()),
+        "blank_images": int(frame["blank"].sum()),
+        "exact_duplicate_groups": int(duplicated.sum()),
+        "exact_duplicate_images": int((frame["exact_group"] >= 0).sum()),
         # Images one could drop and keep every content once.
-        "exact_duplicate_surplus": int((copies[copies > 1] - 1).sum()),
+        "exact_duplicate_surplus": int((copies[duplicated] - 1).sum()),
         "near_duplicate_pairs": len(near_pairs),
-        "near_duplicate_groups": int(near_group.max() + 1) if count else 0,
-        "near_duplicate_images": int((near_group >= 0).sum()),
-        "cross_usage_exact_groups": int(((copies > 1) & (np.bitwise_count(usages_of_content) > 1)).sum()),
-        "cross_usage_exact_images": int(cross_usage_exact.sum()),
-        "cross_usage_near_images": int(cross_usage_near.sum()),
+        "near_duplicate_groups": int(frame["near_group"].max() + 1) if len(frame) else 0,
+        "near_duplicate_images": int((frame["near_group"] >= 0).sum()),
+        "cross_usage_exact_groups": int((duplicated & (np.bitwise_count(contents.usages) > 1)).sum()),
+        "cross_usage_exact_images": int(frame["cross_usage_exact"].sum()),
+        "cross_usage_near_images": int(frame["cross_usage_near"].sum()),
         "cross_usage_duplicate_images": int(frame["cross_usage_duplicate"].sum()),
         "training_duplicates_of_eval": int(frame["duplicate_of_eval"].sum()),
-        "label_conflict_groups": int(((copies > 1) & (np.bitwise_count(labels_of_content) > 1)).sum()),
+        "label_conflict_groups": int((duplicated & (np.bitwise_count(contents.labels) > 1)).sum()),
         "label_conflict_images": int(frame["label_conflict"].sum()),
         "label_conflict_near_images": int(frame["label_conflict_near"].sum()),
     }
@@ -510,7 +547,7 @@ def audit_images(images: np.ndarray, usages, labels, blank_max_std: float,
         counts[f"{name}_with_training_exact_duplicate"] = int((in_usage & training_exact).sum())
         counts[f"{name}_with_training_near_duplicate"] = int((in_usage & training_near).sum())
         counts[f"{name}_with_training_duplicate"] = int((in_usage & (training_exact | training_near)).sum())
-    return ImageAudit(frame=frame, near_pairs=near_pairs, counts=counts)
+    return counts
 
 
 # ---- the whole check ----
