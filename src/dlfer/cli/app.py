@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import typer
@@ -176,6 +178,21 @@ def runs(limit: int = typer.Option(20, help="how many evaluate runs to show, new
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT_NAME)
     typer.echo(experiments.format_table(experiments.recent_runs(client, experiment.experiment_id, limit)))
+
+
+@app.command()
+def exps(all_commits: bool = typer.Option(False, "--all-commits", "-A", help="every commit, not only HEAD"),
+         count: int = typer.Option(1, "-n", help="commits to show, newest first")) -> None:
+    """The `dvc exp run` experiments with their headline figures, in a table that fits a terminal."""
+    from dlfer.evaluation import experiments
+
+    command = ["dvc", "exp", "show", "--json", *(["-A"] if all_commits else ["-n", str(count)])]
+    # The dvc installed beside this dlfer, whether or not its environment is on PATH.
+    shown = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True)
+    if shown.returncode != 0:
+        typer.echo(f"exps: `{' '.join(command)}` failed: {shown.stderr.strip()[-300:]}", err=True)
+        raise typer.Exit(1)
+    typer.echo(experiments.format_dvc_table(experiments.dvc_rows(json.loads(shown.stdout or "[]"))))
 
 
 @app.command()
