@@ -95,18 +95,20 @@ def profile_summary(trace: str, top: int = 12) -> list[str]:
     columns = [column["id"] for column in table["cols"]]
     rows = [dict(zip(columns, (cell.get("v") if cell else None for cell in row["c"]))) for row in table["rows"]]
     rows = [row for row in rows if row.get("host_or_device") == "Host" or "host_or_device" not in row]
-    total = sum(row["total_self_time"] for row in rows) or 1.0
+    idle = sum(row["total_self_time"] for row in rows if row["type"] == "IDLE")
+    rows = [row for row in rows if row["type"] != "IDLE"]
+    busy = sum(row["total_self_time"] for row in rows) or 1.0
     by_type: dict[str, float] = {}
     backward = 0.0
     for row in rows:
-        name = f"{row['type']}"
-        by_type[name] = by_type.get(name, 0.0) + row["total_self_time"]
+        by_type[row["type"]] = by_type.get(row["type"], 0.0) + row["total_self_time"]
         if "gradient" in row["operation"].lower() or "Backprop" in row["type"] or "Grad" in row["type"]:
             backward += row["total_self_time"]
-    lines = [f"profile of 'today': backward (gradient) ops {100 * backward / total:.0f}% of op self time, "
-             f"forward and optimizer {100 * (1 - backward / total):.0f}%", f"{'op type':<40} {'self time':>10}"]
+    lines = [f"profile of 'today' (TensorFlow profiler, op self time): idle {100 * idle / (idle + busy):.0f}% of the "
+             f"traced thread time; of the busy time, backward (gradient) ops {100 * backward / busy:.0f}%, forward "
+             f"and optimizer {100 * (1 - backward / busy):.0f}%", f"{'op type':<48} {'busy time':>9}"]
     for name, seconds in sorted(by_type.items(), key=lambda item: -item[1])[:top]:
-        lines.append(f"{name:<40} {100 * seconds / total:>9.1f}%")
+        lines.append(f"{name:<48} {100 * seconds / busy:>8.1f}%")
     return lines
 
 
