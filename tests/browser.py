@@ -55,11 +55,11 @@ def rendered_dom(url: str) -> str:
 class Page:
     """One browser tab under the DevTools protocol: evaluate JavaScript, set a file input's file."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, flags: tuple[str, ...] = ()):
         import websocket
 
         self.profile = tempfile.TemporaryDirectory()
-        self.process = subprocess.Popen([chromium(), *FLAGS, f"--user-data-dir={self.profile.name}",
+        self.process = subprocess.Popen([chromium(), *FLAGS, *flags, f"--user-data-dir={self.profile.name}",
                                          "--remote-debugging-port=0", "--window-size=1200,1600", "about:blank"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # Chromium writes the port it bound (asked for port 0) into the profile folder.
@@ -135,6 +135,22 @@ class Page:
             self.process.kill()
             self.process.wait()
         self.profile.cleanup()
+
+
+def fake_webcam_flags(photo: Path, video: Path) -> tuple[str, ...]:
+    """Chromium flags under which the webcam films `photo` (written to `video` as Y4M) and the page may use it
+    without asking, as if the user had said yes."""
+    from PIL import Image
+
+    image = Image.open(photo).convert("RGB")
+    image = image.resize((image.width // 2 * 2, image.height // 2 * 2))
+    luma, blue, red = (np.asarray(plane) for plane in image.convert("YCbCr").split())
+    chroma = [plane.reshape(plane.shape[0] // 2, 2, plane.shape[1] // 2, 2).mean(axis=(1, 3)).round().astype(np.uint8)
+              for plane in (blue, red)]
+    frame = b"FRAME\n" + luma.tobytes() + chroma[0].tobytes() + chroma[1].tobytes()
+    video.write_bytes(f"YUV4MPEG2 W{image.width} H{image.height} F10:1 Ip A1:1 C420jpeg\n".encode() + frame * 10)
+    return ("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-video-capture={video}")
 
 
 def non_background_share(pixels: np.ndarray) -> float:

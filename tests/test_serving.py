@@ -310,3 +310,25 @@ def test_web_page_shows_the_uploaded_photo_with_numbered_faces_and_their_probabi
         assert page.evaluate("document.querySelectorAll('#faces tbody tr').length") == 1
     finally:
         page.close()
+
+
+def test_web_page_classifies_a_webcam_picture(dlfer_server, astronaut_jpeg, tmp_path):
+    """The webcam films the astronaut photo (Chromium's file-backed fake camera): "Take a picture" finds her face."""
+    base, _ = dlfer_server
+    photo = tmp_path / "astronaut.jpg"
+    photo.write_bytes(astronaut_jpeg)
+    page = browser.Page(f"{base}/", flags=browser.fake_webcam_flags(photo, tmp_path / "camera.y4m"))
+    try:
+        assert page.evaluate("document.getElementById('webcam').hidden") is False
+        page.evaluate("document.getElementById('camera').click()")
+        page.wait_for("document.getElementById('video').readyState >= 2 && "
+                      "document.getElementById('video').videoWidth > 0")
+        page.evaluate("document.getElementById('capture').click()")
+        page.wait_for("document.body.dataset.state === 'done'")
+        assert page.evaluate("document.getElementById('status').textContent") == "1 face"
+        cells = page.evaluate("[...document.querySelectorAll('#faces tbody tr')].map("
+                              "row => [...row.cells].map(cell => cell.textContent))")
+        assert len(cells) == 1 and cells[0][0] == "1" and cells[0][1] in EMOTIONS
+        assert sum(float(text.rstrip("%")) for text in cells[0][2:]) == pytest.approx(100, abs=0.5)
+    finally:
+        page.close()
