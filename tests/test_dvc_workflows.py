@@ -1,7 +1,8 @@
 """The team workflows with the real tools: queued `dvc exp run` sweeps that log into the main
 repository's MLflow store, and sharing outputs through a (local-directory) DVC remote.
 
-Both run the cheap data stages on a tiny table, so they exercise DVC and MLflow, not training.
+Both run dlfer's own preprocess and augment_balance stages, as its dvc.yaml defines them, on a
+tiny table, so they exercise DVC and MLflow, not training.
 """
 
 from __future__ import annotations
@@ -13,24 +14,17 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from conftest import PROJECT, stage_environment, tiny_audit, tiny_raw_table
 
-PIPELINE = """
-stages:
-  preprocess:
-    cmd: python stages/preprocess.py
-    deps: [stages/preprocess.py, inputs/fer2013.parquet, inputs/audit.parquet]
-    params: [seed, preprocess]
-    outs: [data/prepared/dataset.npz]
-    metrics: [{metrics/preprocess.json: {cache: false}}]
-  augment_balance:
-    cmd: python stages/augment_balance.py
-    deps: [stages/augment_balance.py, data/prepared/dataset.npz]
-    params: [seed, augment_balance]
-    outs: [data/balanced/train.npz, data/balanced/val.npz, data/balanced/test.npz]
-    metrics: [{metrics/augment_balance.json: {cache: false}}]
-"""
+# dlfer's own stage definitions, taken from its dvc.yaml: the two cheap data stages.
+DATA_STAGES = ("preprocess", "augment_balance")
+
+
+def data_pipeline() -> str:
+    pipeline = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
+    return yaml.safe_dump({"stages": {name: pipeline["stages"][name] for name in DATA_STAGES}}, sort_keys=False)
 
 
 def git(project: Path, *arguments: str, environment: dict) -> None:
@@ -52,20 +46,20 @@ def repository(tmp_path):
     environment = stage_environment(project)
     environment.pop("MLFLOW_TRACKING_URI")  # the stages must find <repo>/mlflow.db themselves
     environment.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    (project / "inputs").mkdir()
     table = tiny_raw_table({"Training": 6, "PublicTest": 2, "PrivateTest": 2})
-    table.to_parquet(project / "inputs" / "fer2013.parquet")
-    tiny_audit(table).to_parquet(project / "inputs" / "audit.parquet")
-    shutil.copytree(PROJECT / "stages", project / "stages")
+    for path in ("data/raw", "data/validated"):
+        (project / path).mkdir(parents=True)
+    # Where fetch and validate would write them; committed to git here, as those stages do not run.
+    table.to_parquet(project / "data" / "raw" / "fer2013.parquet")
+    tiny_audit(table).to_parquet(project / "data" / "validated" / "audit.parquet")
+    for folder in ("stages", "src"):
+        shutil.copytree(PROJECT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy2(PROJECT / "params.yaml", project / "params.yaml")
-    (project / "dvc.yaml").write_text(PIPELINE)
-    for stage in ("preprocess", "augment_balance"):  # the real stages with their default paths under inputs/
-        script = project / "stages" / f"{stage}.py"
-        script.write_text(script.read_text().replace('Path("data/raw/fer2013.parquet")', 'Path("inputs/fer2013.parquet")')
-                          .replace('Path("data/validated/audit.parquet")', 'Path("inputs/audit.parquet")'))
+    (project / "dvc.yaml").write_text(data_pipeline())
     (project / ".gitignore").write_text("mlflow.db\nmlruns/\n")
     git(project, "init", "-q", "-b", "main", environment=environment)
     command(project, environment, "dvc", "init", "-q")
+    shutil.copy2(PROJECT / ".dvcignore", project / ".dvcignore")
     git(project, "add", "-A", environment=environment)
     git(project, "commit", "-qm", "pipeline", environment=environment)
     return project, environment
@@ -98,7 +92,8 @@ def test_outputs_round_trip_through_a_local_dvc_remote(repository, tmp_path):
     original = train.read_bytes()
     command(project, environment, "dvc", "push")
 
-    shutil.rmtree(project / "data")
+    for output in ("prepared", "balanced"):  # the stages' outputs; data/raw and data/validated are git's here
+        shutil.rmtree(project / "data" / output)
     shutil.rmtree(project / ".dvc" / "cache")
     command(project, environment, "dvc", "pull")
     assert train.read_bytes() == original
