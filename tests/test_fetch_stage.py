@@ -194,7 +194,6 @@ def test_stage_refuses_hostile_or_inconsistent_faces_naming_the_file(project):
 
 def test_a_dead_tracking_server_stops_fetch_before_it_reads_or_writes_anything(project):
     import socket
-    import time
 
     directory, _, params = project
     assert run_stage(directory).returncode == 0
@@ -202,12 +201,10 @@ def test_a_dead_tracking_server_stops_fetch_before_it_reads_or_writes_anything(p
     with socket.socket() as probe:  # a port the OS just handed out, with nothing listening on it
         probe.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    started = time.monotonic()
     result = run_stage(directory, tracking_uri=dead)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"MLflow tracking server {dead} (MLFLOW_TRACKING_URI) is unreachable" in lines[0], \
         result.stderr
     assert "unset MLFLOW_TRACKING_URI" in lines[0] and "Traceback" not in result.stderr
-    assert outputs_state(directory) == before
-    assert time.monotonic() - started < 60  # generous: the check itself fails in well under a second
+    assert outputs_state(directory) == before  # it stopped before any work: nothing was written

@@ -112,13 +112,11 @@ def test_an_unreachable_server_stops_the_stage_before_any_work(tmp_path):
     project = small_project(tmp_path)
     environment = stage_environment(project)
     environment["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"
-    started = time.monotonic()
     result = subprocess.run([sys.executable, "stages/preprocess.py"], cwd=project, env=environment,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "is unreachable" in result.stderr and "MLFLOW_TRACKING_URI" in result.stderr
     assert not (project / "data" / "prepared").exists()
-    assert time.monotonic() - started < 60
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -176,16 +174,13 @@ def test_every_stage_checks_the_tracking_store_before_any_work(tmp_path, stage):
     before = tree_state(project)
     dead = f"http://127.0.0.1:{free_port()}"
     environment = {**os.environ, "MLFLOW_TRACKING_URI": dead, "TF_CPP_MIN_LOG_LEVEL": "2", "MPLBACKEND": "Agg"}
-    started = time.monotonic()
     result = subprocess.run(command, cwd=project, env=environment, capture_output=True, text=True, timeout=300)
-    seconds = time.monotonic() - started
     assert result.returncode != 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0] == (f"MLflow tracking server {dead} (MLFLOW_TRACKING_URI) is unreachable ([Errno 111] Connection "
                         "refused); start it (mlflow server), or unset MLFLOW_TRACKING_URI to use the local sqlite store")
-    assert tree_state(project) == before
-    assert seconds < 120, seconds  # generous for 2 busy cores; the work it skips takes far longer on real data
+    assert tree_state(project) == before  # it stopped before any work: every earlier output is as it was
 
 
 def test_an_unusable_store_stops_with_one_line_naming_it(tmp_path):
