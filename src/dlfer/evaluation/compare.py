@@ -172,10 +172,7 @@ def run_setup_lines(setup: dict) -> list[str]:
 def render_report(*, protocol: str, stage_metrics: dict, references: References, saved_runs: dict,
                   saved_dir: str, summary: dict, chart_name: str, metrics_dir: str,
                   run_setup: dict | None = None) -> str:
-    claims = references.claims
-    evaluated = stage_metrics["evaluate"]
-    finetuned = stage_metrics["finetune"]
-    with_metrics = evaluated["with_ef_fer1"]
+    """reports/compare.md: headline, the paper's equations, the ablation, both protocols, the audit, the anchors."""
     lines = [
         "# DLFER reproduction: this run beside the paper",
         "",
@@ -190,6 +187,21 @@ def render_report(*, protocol: str, stage_metrics: dict, references: References,
         *(run_setup_lines(run_setup) if run_setup else []),
         f"![paper claim vs this run vs anchors]({chart_name})",
         "",
+        *_headline_section(stage_metrics, references, summary),
+        *_ablation_section(stage_metrics, references, summary),
+        *_protocol_section(saved_runs, saved_dir),
+        "",
+        *_audit_section(stage_metrics, references, metrics_dir),
+        *_anchors_section(references),
+    ]
+    return "\n".join(lines)
+
+
+def _headline_section(stage_metrics: dict, references: References, summary: dict) -> list[str]:
+    """Test accuracy and F1 beside Table 4, and every averaging of precision / recall / F1 beside the paper's eqs."""
+    claims = references.claims
+    with_metrics = stage_metrics["evaluate"]["with_ef_fer1"]
+    lines = [
         "## Headline: test accuracy and F1",
         "",
         "| | paper (Table 4) | this run, with EF-FER1 | 95% bootstrap CI | paper minus this run |",
@@ -225,6 +237,14 @@ def render_report(*, protocol: str, stage_metrics: dict, references: References,
         "cannot come from them as written. Its F1 does follow eq. 4 from its own precision and recall "
         f"({2 * claims['precision'] * claims['recall'] / (claims['precision'] + claims['recall']):.2f}).",
         "",
+    ]
+    return lines
+
+
+def _ablation_section(stage_metrics: dict, references: References, summary: dict) -> list[str]:
+    claims = references.claims
+    evaluated, finetuned = stage_metrics["evaluate"], stage_metrics["finetune"]
+    lines = [
         "## Ablation: with and without EF-FER1",
         "",
         "| model | paper train | paper val | paper test | this run train | this run val | this run test (95% CI) "
@@ -251,8 +271,12 @@ def render_report(*, protocol: str, stage_metrics: dict, references: References,
         f"(macro-F1 {_points(summary['ablation_delta_f1_macro'])}). Train and validation accuracy come from "
         "`metrics/finetune_<variant>.json` (the checkpoint finetune kept).",
         "",
-        *_protocol_section(saved_runs, saved_dir),
-        "",
+    ]
+    return lines
+
+
+def _audit_section(stage_metrics: dict, references: References, metrics_dir: str) -> list[str]:
+    lines = [
         "## Why the paper protocol leaks: the validation audit",
         "",
         f"The paper's protocol: {references.protocol['summary']}",
@@ -269,7 +293,11 @@ def render_report(*, protocol: str, stage_metrics: dict, references: References,
         lines += _scalar_table(context[name]) if context[name] is not None else [
             f"Not found: `{metrics_dir}/{name}.json`; run `dvc repro {name}` to produce it."]
         lines.append("")
-    lines += [
+    return lines
+
+
+def _anchors_section(references: References) -> list[str]:
+    lines = [
         "## The paper's literature table and honest anchors",
         "",
         "Anchors measured on the official FER2013 test split (PrivateTest) or estimated by the dataset's curators:",
@@ -291,7 +319,7 @@ def render_report(*, protocol: str, stage_metrics: dict, references: References,
     for row in references.literature.itertuples(index=False):
         lines.append(f"| {row.reference} | {row.year} | {row.architecture} | {row.accuracy} |")
     lines += ["", references.literature_note, ""]
-    return "\n".join(lines)
+    return lines
 
 
 # The validate stage's counts that bear on leakage, in the order the headline states them.
