@@ -58,7 +58,8 @@ class Page:
     def __init__(self, url: str, flags: tuple[str, ...] = ()):
         import websocket
 
-        self.profile = tempfile.TemporaryDirectory()
+        # Chromium's helper processes may still write into the profile while it exits.
+        self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
         self.process = subprocess.Popen([chromium(), *FLAGS, *flags, f"--user-data-dir={self.profile.name}",
                                          "--remote-debugging-port=0", "--window-size=1200,1600", "about:blank"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

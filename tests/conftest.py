@@ -62,11 +62,11 @@ def stage_environment(tmp_path: Path) -> dict[str, str]:
 
 def copy_project(destination: Path) -> Path:
     """The pipeline's definition (not its outputs) copied into a fresh git + DVC repository."""
-    for name in ("dvc.yaml", "params.yaml", "data.dvc", "pyproject.toml", "README.md"):
+    for name in ("dvc.yaml", "params.yaml", "data.dvc", "pyproject.toml", "README.md", ".dvcignore"):
         shutil.copy2(PROJECT / name, destination / name)
-    for folder in ("stages", "src", "references", "profiles", ".dvc"):
+    for folder in ("stages", "src", "references", "profiles", ".dvc", "docs/results"):
         shutil.copytree(PROJECT / folder, destination / folder,
-                        ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache", "config.local"))
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "tmp", "cache", "config.local"))
     shutil.copy2(PROJECT / ".gitignore", destination / ".gitignore")
     return destination
 

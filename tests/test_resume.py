@@ -44,9 +44,8 @@ def inputs(tmp_path_factory) -> Path:
     backbone.save_weights(root / "models" / "pretrain" / "backbone.weights.h5")
     write_json(root / "models" / "pretrain" / "provenance.json",
                {"source": "imagenet", "backbone": "efficientnet_lite0", "channels": 3})
-    write_params(root, preprocess={"image_size": 32, "channels": 3},
-                 pretrain={"source": "imagenet", "backbone": "efficientnet_lite0", "image_size": 32},
-                 finetune={"backbone": "efficientnet_lite0", "epochs": EPOCHS, "batch_size": 8, "max_seconds": 0,
+    write_params(root, pretrain={"source": "imagenet", "backbone": "efficientnet_lite0", "image_size": 32},
+                 finetune={"backbone": "efficientnet_lite0", "image_size": 32, "channels": 3, "epochs": EPOCHS, "batch_size": 8, "max_seconds": 0,
                            "lr_schedule": "cosine", "learning_rate": 0.001, "dropout": 0.3})
     return root
 
