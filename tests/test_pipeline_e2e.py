@@ -129,3 +129,21 @@ def test_changing_one_param_reruns_only_the_stages_that_read_it(pipeline):
         assert changed == {"evaluate@with_ef_fer1", "evaluate@without_ef_fer1"}
     finally:
         params.write_text(original)
+
+
+def test_the_paper_protocol_runs_end_to_end_and_its_test_split_holds_augmented_siblings(pipeline):
+    """`dvc exp run --temp` of the paper protocol up to evaluate, beside (not over) the official run CI gates."""
+    project, environment, _ = pipeline
+    run(["dvc", "exp", "run", "--temp", "-n", "paper-protocol", "-S", "preprocess.protocol=paper",
+         "evaluate@with_ef_fer1"], project, environment)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project, environment).stdout)
+    [revision] = [revision for commit in shown for experiment in (commit.get("experiments") or [])
+                  if experiment.get("name") == "paper-protocol" for revision in experiment["revs"]]
+    metrics = revision["data"]["metrics"]
+    paper = metrics["metrics/evaluate_with_ef_fer1.json"]["data"]
+    assert revision["data"]["params"]["params.yaml"]["data"]["preprocess"]["protocol"] == "paper"
+    assert 0 < paper["n_test"] < 3589  # the paper's random 20% of the pooled subset, not PrivateTest
+    # The leak the paper's order makes: augmented copies of test faces sit in train.
+    assert paper["leak_test_with_augmented_sibling"] > 0 and paper["leak_test_with_train_sibling"] > 0
+    assert paper["test_accuracy_with_train_sibling"] is not None
+    assert read_metrics(project, "preprocess")["protocol"] == "official"  # the workspace keeps the official run
