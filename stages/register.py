@@ -37,22 +37,23 @@ def main(argv: list[str] | None = None) -> None:
         configure()  # fail fast on an unreachable tracking store, before any work
         finetune_run_id = registry.finetune_run_id(arguments.model)
         provenance = read_json(arguments.model / "provenance.json")
-        protocol = provenance["params"]["preprocess"]["protocol"]
-        val_macro_f1 = float(read_json(arguments.finetune_metrics)["val_macro_f1"])
+        try:
+            protocol, val_data = provenance["params"]["preprocess"]["protocol"], provenance["val_sha256"]
+            val_macro_f1 = float(read_json(arguments.finetune_metrics)["val_macro_f1"])
+        except KeyError as missing:
+            raise ValueError(f"{arguments.model / 'provenance.json'} or {arguments.finetune_metrics} lacks {missing}; "
+                             "rerun `dvc repro finetune@with_ef_fer1`") from None
         with stage_run("register", {"register": params.section("register")},
                        tags={"protocol": protocol, "finetune_run_id": finetune_run_id}) as run:
             registration = registry.register_candidate(
                 model_name=params.register.registered_model, alias=params.register.alias,
                 finetune_run_id=finetune_run_id, model_file=arguments.model / "model.keras",
-                val_macro_f1=val_macro_f1, val_data_sha256=provenance["val_sha256"], protocol=protocol,
+                val_macro_f1=val_macro_f1, val_data_sha256=val_data, protocol=protocol,
                 artifact_run_id=run.info.run_id)
             import mlflow
 
             mlflow.log_metrics({key: float(value) for key, value in registration.as_metrics().items()})
             write_json(arguments.out, {**registration.as_metrics(), "reason": registration.reason})
-    except KeyError as missing:
-        sys.exit(f"register: {arguments.model / 'provenance.json'} or {arguments.finetune_metrics} lacks {missing}; "
-                 "rerun `dvc repro finetune@with_ef_fer1`")
     except (OSError, ValueError) as error:  # bad inputs and params: one line naming the file and the fix
         sys.exit(f"register: {error}")
     print(registration.describe())
