@@ -29,13 +29,10 @@ import typer
 from dlfer.evaluation import leak, metrics
 from dlfer.fer2013 import EMOTIONS, IMAGE_SIDE
 from dlfer.files import atomic_directory, sha256_of_file, write_json
+from dlfer.model import class_bias
 from dlfer.params import load_params
 from dlfer.registry import finetune_run_id
 from dlfer.tracking import configure, log_numeric_metrics, stage_run
-
-# Inference batch size changes speed, never results (no layer mixes images at inference time).
-PREDICT_BATCH_SIZE = 256
-
 
 class EvaluateInputError(ValueError):
     """An input file of the evaluate stage is missing or malformed; the message names it and the fix."""
@@ -77,15 +74,12 @@ def load_model(model_dir: Path):
 
 
 def predict_probabilities(model, images: np.ndarray, flip_tta: bool) -> np.ndarray:
-    """Softmax per image; with flip_tta the mean of the image's and its horizontal mirror's."""
-    batch = images[..., np.newaxis].astype(np.float32)
-    probabilities = np.asarray(model.predict(batch, batch_size=PREDICT_BATCH_SIZE, verbose=0), dtype=np.float64)
-    if flip_tta:
-        # Faces are roughly left-right symmetric and training already flips with p=0.5,
-        # so the mirror is an equally valid view of the same expression.
-        mirrored = np.ascontiguousarray(batch[:, :, ::-1, :])
-        probabilities = (probabilities + np.asarray(
-            model.predict(mirrored, batch_size=PREDICT_BATCH_SIZE, verbose=0), dtype=np.float64)) / 2
+    """Softmax per image; with flip_tta the mean of the image's and its horizontal mirror's.
+
+    Faces are roughly left-right symmetric and training already flips with p=0.5, so the mirror is an
+    equally valid view of the same expression. finetune fits its class bias on these same views.
+    """
+    probabilities = class_bias.mean_probabilities(class_bias.predict_views(model, images, flip_tta))
     if probabilities.shape != (len(images), len(EMOTIONS)):
         raise EvaluateInputError(f"model output has shape {probabilities.shape}; expected ({len(images)}, "
                                  f"{len(EMOTIONS)}): one probability per emotion in Kaggle order")

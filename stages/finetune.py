@@ -13,7 +13,7 @@ Writes  --out                models/finetune/<variant>/: model.keras (the whole 
         --metrics            metrics/finetune_<variant>.json: only figures a rerun reproduces (no timings)
         --plots              plots/finetune_<variant>.csv: per-epoch train/val accuracy and loss (paper Fig. 5)
 Params  seed, preprocess.protocol (MLflow tag), augment_balance.* (provenance only),
-        pretrain.* (source, backbone), finetune.*
+        pretrain.* (source, backbone), finetune.*, evaluate.flip_tta (the views finetune.class_bias is fitted on)
 MLflow  run finetune_<variant>, tags stage=finetune, variant, protocol, resumed_at_epoch; params, per-epoch
         and final metrics (timings among them), the model (name "model"), provenance.json and the plots CSV
 
@@ -37,7 +37,7 @@ from sklearn.metrics import f1_score
 from dlfer import tracking
 from dlfer.fer2013 import EMOTIONS, IMAGE_SIDE
 from dlfer.files import atomic_directory, atomic_path, read_json, sha256_of_file, write_json
-from dlfer.model import backbones, distributed, train
+from dlfer.model import backbones, class_bias, distributed, train
 from dlfer.params import VARIANTS, ParamsError, load_params
 
 PREDICT_BATCH_SIZE = 256
@@ -109,6 +109,17 @@ def evaluate_best(model, images: np.ndarray, labels: np.ndarray) -> dict:
                                            zero_division=0))}
 
 
+def fit_class_bias(model, images: np.ndarray, labels: np.ndarray, flip_tta: bool) -> dict:
+    """Fit the per-class logit offsets on validation macro-F1 (views as evaluate makes them) and fold them
+    into the model's head; returns the offsets and the validation macro-F1 before and after."""
+    bias, before, after = class_bias.fit_class_bias(class_bias.predict_views(model, images, flip_tta), labels)
+    class_bias.add_to_head(model, bias)
+    print(f"finetune: class bias fitted on validation macro-F1 ({before:.4f} -> {after:.4f}): "
+          + ", ".join(f"{emotion} {offset:+.2f}" for emotion, offset in zip(EMOTIONS, bias)))
+    return {"class_bias_val_macro_f1_before": before, "class_bias_val_macro_f1_after": after,
+            **{f"class_bias_{emotion}": float(offset) for emotion, offset in zip(EMOTIONS, bias)}}
+
+
 def write_plots(path: Path, history: list[dict]) -> None:
     with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=train.HISTORY_COLUMNS, extrasaction="ignore")
@@ -176,8 +187,10 @@ def main(argv: list[str] | None = None) -> None:
                                       runtime=runtime, log_to_mlflow=run is not None)
         if run is None:
             return  # a non-chief worker of multi-worker training: the chief writes every output
+        bias_metrics = fit_class_bias(result.model, *val_split, flip_tta=params.evaluate.flip_tta) \
+            if finetune.class_bias == "val_macro_f1" else {}
         # Only what a rerun reproduces, killed and resumed or not, so that DVC sees no change without one.
-        metrics = {"train_accuracy": result.best["accuracy"], "val_loss": result.best["val_loss"],
+        metrics = {"train_accuracy": result.best["accuracy"], "val_loss": result.best["val_loss"], **bias_metrics,
                    **evaluate_best(result.model, *val_split), "best_epoch": result.best_epoch,
                    "epochs_run": result.epochs_run, "epochs_planned": finetune.epochs,
                    # The time budget is a safety net: a run it stopped depends on the machine's speed.

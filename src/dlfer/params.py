@@ -138,11 +138,13 @@ class FinetuneParams:
     online_shift: float
     online_rotation: float
     online_zoom: float
+    class_bias: str
 
     def __post_init__(self):
         _require_range("finetune.image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
         _require_choice("finetune.channels", self.channels, (1, 3))
         _require_choice("finetune.class_weights", self.class_weights, ("none", "balanced"))
+        _require_choice("finetune.class_bias", self.class_bias, ("none", "val_macro_f1"))
         for key in ("mixed_precision", "jit_compile"):
             _require_choice(f"finetune.{key}", getattr(self, key), ("auto", "on", "off"))
         _require_choice("finetune.distribution", self.distribution, ("auto", "none", "mirrored", "multi_worker"))

@@ -1,3 +1,4 @@
 """The networks and how they learn: EfficientNet backbones and the EF-FER classifier (backbones), the
 offline EfficientNet-Lite0 with its ImageNet weights (lite0, read by torch_legacy), the training loop,
-schedules, augmentation and resumable progress (train), and multi-device training (distributed)."""
+schedules, augmentation and resumable progress (train), multi-device training (distributed), and the
+per-class logit bias fitted on validation macro-F1 after training (class_bias)."""
