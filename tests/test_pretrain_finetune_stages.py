@@ -20,11 +20,14 @@ from PIL import Image
 from conftest import FER2013_ZIP, PROJECT, require, stage_environment
 from dlfer.fer2013 import EMOTIONS
 from dlfer.files import read_json, sha256_of_file
-from dlfer.model import backbones
+from dlfer.model import backbones, class_bias
 from dlfer.params import load_params
 
 FINETUNE_METRICS = {"train_accuracy", "val_accuracy", "val_loss", "val_macro_f1", "best_epoch", "epochs_run",
-                    "epochs_planned", "truncated", "train_images", "val_images"}
+                    "epochs_planned", "truncated", "train_images", "val_images",
+                    # finetune.class_bias: val_macro_f1, as the lite0_cpu profile trains
+                    "class_bias_val_macro_f1_before", "class_bias_val_macro_f1_after",
+                    *(f"class_bias_{emotion}" for emotion in EMOTIONS)}
 
 
 def real_faces(per_class: int, usage_prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -42,7 +45,9 @@ def write_params(directory: Path, **sections) -> Path:
     params["finetune"].update(image_size=32, channels=3)
     params["pretrain"].update(source="scratch", backbone="efficientnet_b0", image_size=32, epochs=1, batch_size=8,
                               max_seconds=0)
-    params["finetune"].update(backbone="efficientnet_b0", epochs=2, batch_size=16, max_seconds=0)
+    params["finetune"].update(backbone="efficientnet_b0", epochs=2, batch_size=16, max_seconds=0,
+                              class_bias="val_macro_f1")
+    params["evaluate"].update(flip_tta=True)
     for section, values in sections.items():
         params[section].update(values)
     directory.mkdir(parents=True, exist_ok=True)
@@ -197,6 +202,10 @@ def test_finetune_with_ef_fer1_writes_model_metrics_plots_and_mlflow_run(trained
     model = keras.models.load_model(out / "model.keras", compile=False)
     predicted = model.predict(images[..., None].astype("float32"), verbose=0).argmax(axis=1)
     assert float((predicted == labels).mean()) == pytest.approx(metrics["val_accuracy"])
+    # The class bias is in the saved head: the model's own flip-TTA answers score the fitted macro-F1.
+    tta = class_bias.mean_probabilities(class_bias.predict_views(model, images, flip_tta=True)).argmax(axis=1)
+    assert class_bias.macro_f1(labels, tta, len(EMOTIONS)) == pytest.approx(metrics["class_bias_val_macro_f1_after"])
+    assert metrics["class_bias_val_macro_f1_after"] >= metrics["class_bias_val_macro_f1_before"]
 
     run_id = read_json(out / "mlflow_run.json")["run_id"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{trained / 'mlflow.db'}")
