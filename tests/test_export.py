@@ -1,12 +1,15 @@
-"""`dlfer export` on a small CNN trained briefly on real FER2013 images: every format against the Keras model."""
+"""`dlfer export` on a small CNN trained briefly on real FER2013 images: every format against the Keras model
+on validation (PublicTest) faces, the parity threshold from params, and the int8 conversion's parts."""
 
 import io
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import typer
+import yaml
 from typer.testing import CliRunner
 
 from conftest import FER2013_ZIP, require
@@ -14,7 +17,9 @@ from dlfer.cli.model import register
 from dlfer.deploy import export, predict
 from dlfer.fer2013 import LABEL_OF_EMOTION
 
-TRAIN_IMAGES = 4000  # about 30% PrivateTest accuracy after 6 epochs (10 s): far from constant
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+TRAIN_IMAGES = 4000  # about 29% PublicTest accuracy after 6 epochs (~20 s): happy, the largest class, is 25%
 CHECK_IMAGES = 1000
 
 
@@ -30,21 +35,36 @@ def fer2013_split(prefix: str, count: int, seed: int = 0) -> tuple[np.ndarray, n
 
 
 def small_cnn():
-    """The finetune models' interface ((N,48,48,1) raw pixels in, softmax out) at toy size, with dropout."""
+    """The finetune models' interface ((N,48,48,1) raw pixels in, softmax out) and shape at toy size: an
+    in-model resize and scaling, convolutions each followed by BatchNorm (named x_conv, x_bn as in
+    EfficientNet), ReLU6, dropout."""
     import keras
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((48, 48, 1))
-    features = keras.layers.Rescaling(1 / 255)(inputs)
-    for filters in (16, 32, 64):
-        features = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu")(features)
-    features = keras.layers.Dropout(0.3)(keras.layers.Flatten()(features))
+    features = keras.layers.Resizing(56, 56, name="resize")(inputs)
+    features = keras.layers.Rescaling(1 / 128, offset=-127 / 128, name="input_scaling")(features)
+    for index, filters in enumerate((16, 32, 64)):
+        features = keras.layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False,
+                                       name=f"block{index}_conv")(features)
+        features = keras.layers.BatchNormalization(momentum=0.9, name=f"block{index}_bn")(features)
+        features = keras.layers.ReLU(6.0)(features)
+    features = keras.layers.Dropout(0.3)(keras.layers.GlobalAveragePooling2D()(features))
     return keras.Model(inputs, keras.layers.Dense(7, activation="softmax")(features))
+
+
+def params_with(folder: Path, min_top1_agreement: float) -> Path:
+    """The repository's params.yaml with export.min_top1_agreement changed."""
+    params = yaml.safe_load((REPOSITORY / "params.yaml").read_text())
+    params["export"]["min_top1_agreement"] = min_top1_agreement
+    path = folder / f"params_{min_top1_agreement}.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A trained small CNN, FER2013 training images for calibration and PrivateTest images to check on."""
+    """A trained small CNN, FER2013 training images for calibration and PublicTest (validation) images to check on."""
     root = tmp_path_factory.mktemp("export")
     train_images, train_labels = fer2013_split("Training", TRAIN_IMAGES)
     model = small_cnn()
@@ -52,8 +72,8 @@ def workspace(tmp_path_factory):
     model.fit(train_images[..., None].astype(np.float32), train_labels, epochs=6, batch_size=64, verbose=0)
     model.save(root / "model.keras")
     np.savez(root / "train.npz", images=train_images, labels=train_labels)
-    check_images, check_labels = fer2013_split("PrivateTest", CHECK_IMAGES)
-    np.savez(root / "test.npz", images=check_images, labels=check_labels)
+    check_images, check_labels = fer2013_split("PublicTest", CHECK_IMAGES)
+    np.savez(root / "val.npz", images=check_images, labels=check_labels)
     return root
 
 
@@ -64,31 +84,31 @@ def run_cli(arguments):
     return CliRunner().invoke(app, [str(argument) for argument in arguments])
 
 
-def test_every_export_agrees_with_keras_on_real_test_images(workspace):
+def test_every_export_agrees_with_keras_on_real_validation_images(workspace):
     out = workspace / "exports"
     result = run_cli(["export", "--model", workspace / "model.keras", "--out", out,
                       "--calibration", workspace / "train.npz", "--calibration-images", 200,
-                      "--check", workspace / "test.npz"])
+                      "--check", workspace / "val.npz", "--params", params_with(workspace, 0.9)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "parity.json").read_text())
     formats = report["formats"]
     print(json.dumps(report, indent=1))  # the parity figures, shown with pytest -s
     assert set(formats) == set(export.FORMATS)
-    # Not a constant model: the parity figures below mean something.
-    assert report["keras_accuracy"] > 0.3
+    # Not a constant model (at most 25% on PublicTest): the parity figures below mean something.
+    assert report["keras_accuracy"] > 0.27
 
     assert formats["saved_model"]["top1_agreement"] == 1.0 and formats["saved_model"]["max_abs_difference"] < 1e-5
     assert formats["onnx"]["top1_agreement"] >= 0.995 and formats["onnx"]["max_abs_difference"] < 1e-4
     assert formats["tflite_float16"]["top1_agreement"] >= 0.995
-    # int8 is reported, not held to the float bar; a broken calibration would fall to chance (~0.2).
-    assert formats["tflite_int8"]["top1_agreement"] >= 0.9
+    # A broken calibration would fall to chance (~0.2); this toy model has no EfficientNet's margin.
+    assert formats["tflite_int8"]["top1_agreement"] >= 0.95
     assert abs(formats["tflite_int8"]["accuracy"] - report["keras_accuracy"]) < 0.05
     assert formats["tflite_int8"]["bytes"] < formats["tflite_float16"]["bytes"]
     for kind in ("saved_model", "tflite_float16", "tflite_int8", "onnx"):
         assert formats[kind]["n_images"] == CHECK_IMAGES
 
     # Each file is a usable `dlfer predict --model`.
-    images = np.load(workspace / "test.npz")["images"][:16, :, :, None].astype(np.float32)
+    images = np.load(workspace / "val.npz")["images"][:16, :, :, None].astype(np.float32)
     reference = predict.load_classifier(workspace / "model.keras")[0](images)
     for kind in ("saved_model", "tflite_float16", "tflite_int8", "onnx"):
         classifier, _ = predict.load_classifier(out / export.FILE_NAMES[kind])
@@ -141,3 +161,88 @@ def test_representative_images_are_drawn_without_replacement():
     assert drawn.shape == (4, 48, 48, 1) and drawn.dtype == np.float32
     assert len(set(drawn[:, 0, 0, 0].tolist())) == 4
     assert export.representative_images(images, 50, np.random.default_rng(0)).shape[0] == 10
+
+
+def test_an_export_below_the_agreement_in_params_fails_with_one_line_and_writes_nothing(workspace, tmp_path):
+    out = tmp_path / "exports"
+    result = run_cli(["export", "--model", workspace / "model.keras", "--out", out, "--formats", "tflite_int8",
+                      "--calibration", workspace / "train.npz", "--calibration-images", 200,
+                      "--check", workspace / "val.npz", "--params", params_with(tmp_path, 1.0)])
+    assert result.exit_code == 1, result.output
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1
+    assert message.startswith("export: tflite_int8: top-1 agreement with Keras 0.9")
+    assert f"on {CHECK_IMAGES} check faces is below export.min_top1_agreement 1.0" in message
+    assert not out.exists()
+
+
+def test_the_check_defaults_to_validation_faces_never_the_test_split():
+    import inspect
+
+    from dlfer.cli.model import export as export_command
+
+    default = inspect.signature(export_command).parameters["check"].default.default
+    assert default == "data/balanced/val.npz"
+    assert "test" not in default
+    readme = (REPOSITORY / "README.md").read_text()
+    assert "--check data/balanced/test.npz" not in readme
+
+
+def test_int8_keeps_the_preprocessing_and_head_float_and_every_convolution_int8(workspace, tmp_path):
+    import tensorflow as tf
+
+    model = predict.keras_model_from(workspace / "model.keras")
+    assert export.preprocessing_layers(model) == ("resize", "input_scaling")
+    train = np.load(workspace / "train.npz")["images"]
+    calibration = export.representative_images(train, 100, np.random.default_rng(0))
+    interpreter = tf.lite.Interpreter(model_content=export._int8_model(model, calibration, tmp_path / "source"))
+    details = {detail["index"]: detail for detail in interpreter.get_tensor_details()}
+    output_types = {}
+    for op in interpreter._get_ops_details():
+        output_types.setdefault(op["op_name"], set()).update(details[i]["dtype"] for i in op["outputs"])
+    assert output_types["RESIZE_BILINEAR"] == {np.float32}
+    assert output_types["SOFTMAX"] == {np.float32} and output_types["FULLY_CONNECTED"] == {np.float32}
+    assert output_types["CONV_2D"] == {np.int8}
+    assert not (tmp_path / "source").exists()
+
+
+def test_bias_correction_cancels_the_mean_shift_of_int8_weight_rounding(workspace):
+    """Keras with the first convolution's kernel rounded as the converter rounds it: the per-channel mean
+    shift of its BatchNorm output on the calibration images, without and with the correction."""
+    import keras
+
+    model = predict.keras_model_from(workspace / "model.keras")
+    images = np.load(workspace / "train.npz")["images"][:300, :, :, None].astype(np.float32)
+    corrected = export.bias_corrected_copy(model, images)
+    # The copy is separate: the original is untouched.
+    np.testing.assert_array_equal(model.get_layer("block0_bn").get_weights()[2],
+                                  predict.keras_model_from(workspace / "model.keras").get_layer("block0_bn").get_weights()[2])
+    assert not np.array_equal(model.get_layer("block0_bn").get_weights()[2],
+                              corrected.get_layer("block0_bn").get_weights()[2])
+
+    def rounded(source):
+        copy = keras.models.clone_model(source)
+        copy.set_weights(source.get_weights())
+        conv, batch_norm = copy.get_layer("block0_conv"), copy.get_layer("block0_bn")
+        gamma, _, _, variance = batch_norm.get_weights()
+        fold = gamma / np.sqrt(variance + batch_norm.epsilon)
+        conv.set_weights([export.int8_rounded_kernel(conv.get_weights()[0], fold, depthwise=False)])
+        return keras.Model(copy.inputs, batch_norm.output)
+
+    reference = keras.Model(model.inputs, model.get_layer("block0_bn").output).predict(images, verbose=0)
+    shift_plain = np.abs((rounded(model).predict(images, verbose=0) - reference).mean(axis=(0, 1, 2)))
+    shift_corrected = np.abs((rounded(corrected).predict(images, verbose=0) - reference).mean(axis=(0, 1, 2)))
+    assert shift_plain.mean() > 2e-5  # rounding does shift the means
+    assert shift_corrected.mean() < 0.05 * shift_plain.mean()
+
+
+def test_int8_rounding_gives_at_most_255_levels_per_output_channel():
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 4, 5)).astype(np.float32)
+    fold = np.array([1.0, 2.0, 0.5, 0.0, 10.0], dtype=np.float32)
+    rounded = export.int8_rounded_kernel(kernel, fold, depthwise=False)
+    for channel in (0, 1, 2, 4):
+        folded = rounded[..., channel] * fold[channel]
+        step = np.abs(kernel[..., channel] * fold[channel]).max() / 127
+        np.testing.assert_allclose(folded / step, np.round(folded / step), atol=1e-3)
+        assert np.abs(rounded[..., channel] - kernel[..., channel]).max() <= step / fold[channel] / 2 + 1e-6
+    np.testing.assert_array_equal(rounded[..., 3], kernel[..., 3])  # a zero BatchNorm scale: nothing to round

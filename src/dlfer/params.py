@@ -173,6 +173,14 @@ class RegisterParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExportParams:
+    min_top1_agreement: float
+
+    def __post_init__(self):
+        _require_range("export.min_top1_agreement", self.min_top1_agreement, minimum=0, maximum=1)
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     seed: int
     fetch: FetchParams
@@ -183,6 +191,7 @@ class Params:
     finetune: FinetuneParams
     evaluate: EvaluateParams
     register: RegisterParams
+    export: ExportParams
 
     def __post_init__(self):
         # NumPy's legacy seeding (inside keras.utils.set_random_seed) takes 0 <= seed < 2**32.

@@ -107,19 +107,25 @@ def export(
     calibration: Path = typer.Option(Path("data/balanced/train.npz"), "--calibration",
                                      help="real FER2013 images (.npz with 'images') for the int8 calibration"),
     calibration_images: int = typer.Option(300, "--calibration-images", min=1),
-    check: str = typer.Option("data/balanced/test.npz", "--check",
-                              help="labelled images (.npz) each export is compared on with the Keras model; '' skips"),
+    check: str = typer.Option("data/balanced/val.npz", "--check",
+                              help="labelled validation images (.npz) each export is compared on with the Keras "
+                              "model (not the test split: evaluate alone reads it); '' skips"),
     check_images: int = typer.Option(0, "--check-images", min=0, help="use only the first n check images (0 = all)"),
     seed: int = typer.Option(42, "--seed", help="draws the calibration images"),
+    params_file: Path = typer.Option(Path("params.yaml"), "--params",
+                                     help="export.min_top1_agreement: the least top-1 agreement each format must reach"),
 ) -> None:
     """Write SavedModel, TFLite float16 and int8, ONNX and an MLflow pyfunc, and check each against Keras.
 
     The parity report (top-1 agreement with the Keras model, accuracy) goes to <out>/parity.json.
+    A format below export.min_top1_agreement (params.yaml) on the check faces fails the export
+    (exit 1) and nothing is written.
     Serve the pyfunc with: mlflow models serve -m <out>/mlflow_model --env-manager local
     """
     import numpy as np
 
     from dlfer.deploy import export as exporting
+    from dlfer.params import load_params
 
     chosen = tuple(name.strip() for name in formats.split(",") if name.strip())
     try:
@@ -127,13 +133,18 @@ def export(
         if "tflite_int8" in chosen:
             images, _ = exporting.load_split(calibration)
             calibration_set = exporting.representative_images(images, calibration_images, np.random.default_rng(seed))
-        check_set, check_labels = (None, None)
+        check_set, check_labels, min_agreement = None, None, 0.0
         if check:
+            min_agreement = load_params(params_file).export.min_top1_agreement
             check_set, check_labels = exporting.load_split(Path(check))
             if check_images:
                 check_set = check_set[:check_images]
                 check_labels = None if check_labels is None else check_labels[:check_images]
-        report = exporting.export_model(model or None, out, chosen, calibration_set, check_set, check_labels)
+        report = exporting.export_model(model or None, out, chosen, calibration_set, check_set, check_labels,
+                                        min_agreement)
+    except exporting.ParityError as error:
+        typer.echo(f"export: {error}", err=True)
+        raise typer.Exit(1)
     except ValueError as error:
         typer.echo(f"export: {error}", err=True)
         raise typer.Exit(2)
