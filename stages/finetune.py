@@ -24,7 +24,6 @@ MLflow  run finetune_<variant>, tags stage=finetune, variant, protocol, resumed_
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import sys
 import time
@@ -147,10 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     try:
         params = load_params(arguments.params)
-        if train.is_chief():
-            tracking.configure()  # fail fast on an unreachable tracking store, before any work (it is no TF work)
+        tracking.configure()  # fail fast on an unreachable tracking store, before any work
         settings = train.TrainingSettings.from_params(params.finetune, params.seed)
-        runtime = train.configure_runtime(settings)  # first: multi-worker training must precede other TF work
+        ray = distributed.RaySettings.from_params(params.finetune) if settings.distribution == "ray" else None
+        runtime = train.configure_runtime(settings)
         if not arguments.audit.is_file():
             raise FinetuneInputError(f"{arguments.audit}: not found; run `dvc repro validate` first")
         if params.finetune.backbone not in backbones.BACKBONES:
@@ -175,18 +174,13 @@ def main(argv: list[str] | None = None) -> None:
                                           batch_norm_momentum=finetune.batch_norm_momentum)
 
     # A killed run left its MLflow run RUNNING and its id beside its training state: continue that run.
-    run_context = (tracking.stage_run("finetune", logged_params, run_name=f"finetune_{arguments.variant}",
-                                      tags={"variant": arguments.variant, "protocol": preprocess.protocol,
-                                            "initialisation": initialisation["initialisation"]},
-                                      resume_run_id=train.recorded_run_id(checkpoint_dir, tracking.tracking_uri()))
-                   if train.is_chief() else contextlib.nullcontext())
-    with run_context as run:
-        if run is not None:
-            train.record_run(checkpoint_dir, run.info.run_id, tracking.tracking_uri())
+    with tracking.stage_run("finetune", logged_params, run_name=f"finetune_{arguments.variant}",
+                            tags={"variant": arguments.variant, "protocol": preprocess.protocol,
+                                  "initialisation": initialisation["initialisation"]},
+                            resume_run_id=train.recorded_run_id(checkpoint_dir, tracking.tracking_uri())) as run:
+        train.record_run(checkpoint_dir, run.info.run_id, tracking.tracking_uri())
         result = distributed.fit(build, train_split, val_split, settings, checkpoint_dir, len(EMOTIONS),
-                                      runtime=runtime, log_to_mlflow=run is not None)
-        if run is None:
-            return  # a non-chief worker of multi-worker training: the chief writes every output
+                                 runtime=runtime, ray=ray, log_to_mlflow=True)
         bias_metrics = fit_class_bias(result.model, *val_split, flip_tta=params.evaluate.flip_tta) \
             if finetune.class_bias == "val_macro_f1" else {}
         # Only what a rerun reproduces, killed and resumed or not, so that DVC sees no change without one.

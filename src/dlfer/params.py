@@ -139,6 +139,12 @@ class FinetuneParams:
     online_rotation: float
     online_zoom: float
     class_bias: str
+    ray_workers: int
+    ray_cpus_per_worker: float
+    ray_gpus_per_worker: float
+    ray_address: str
+    ray_storage: str
+    ray_max_failures: int
 
     def __post_init__(self):
         _require_range("finetune.image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
@@ -147,7 +153,11 @@ class FinetuneParams:
         _require_choice("finetune.class_bias", self.class_bias, ("none", "val_macro_f1"))
         for key in ("mixed_precision", "jit_compile"):
             _require_choice(f"finetune.{key}", getattr(self, key), ("auto", "on", "off"))
-        _require_choice("finetune.distribution", self.distribution, ("auto", "none", "mirrored", "multi_worker"))
+        _require_choice("finetune.distribution", self.distribution, ("auto", "none", "mirrored", "ray"))
+        _require_range("finetune.ray_workers", self.ray_workers, minimum=1)
+        _require_range("finetune.ray_cpus_per_worker", self.ray_cpus_per_worker, minimum=0, above=True)
+        _require_range("finetune.ray_gpus_per_worker", self.ray_gpus_per_worker, minimum=0)
+        _require_range("finetune.ray_max_failures", self.ray_max_failures, minimum=-1)
         _require_training_settings("finetune", self)
         _require_range("finetune.early_stopping_patience", self.early_stopping_patience, minimum=0)
         _require_range("finetune.dropout", self.dropout, minimum=0, maximum=1, below=True)

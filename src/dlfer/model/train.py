@@ -4,9 +4,9 @@ fit_classifier builds the model inside the right distribution strategy and preci
 feeds it numpy arrays through tf.data, and adds what a pipeline stage needs: best-epoch
 selection on the validation split, early stopping, a wall-clock budget, resumption after a
 crash that ends where an uninterrupted run ends, per-epoch records for MLflow and DVC plots,
-and determinism on CPU. Under
-MultiWorkerMirroredStrategy, where model.fit fails, dlfer.model.distributed trains with a custom loop;
-dlfer.model.distributed.fit picks the one the strategy needs (this module never imports that one).
+and determinism on CPU. On a Ray cluster (distribution: ray) dlfer.model.distributed trains with a custom
+loop under MultiWorkerMirroredStrategy, where model.fit fails; dlfer.model.distributed.fit picks the one the
+params ask for (this module never imports that one).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -58,7 +57,7 @@ class TrainingSettings:
     max_seconds: float = 0.0            # 0 = no budget
     mixed_precision: str = "auto"       # auto | on | off
     jit_compile: str = "auto"           # auto | on | off
-    distribution: str = "auto"          # auto | none | mirrored | multi_worker
+    distribution: str = "auto"          # auto | none | mirrored | ray (multi_worker: inside a Ray worker)
     online_flip: float = 0.0            # the fresh random transform of each image at each step (OnlineAugmentation)
     online_shift: float = 0.0
     online_rotation: float = 0.0
@@ -243,17 +242,6 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, fl
     return {label: (len(labels) / (num_classes * count) if count else 0.0) for label, count in enumerate(counts)}
 
 
-def is_chief() -> bool:
-    """Whether this process writes outputs and logs: always, except the non-chief workers of TF_CONFIG."""
-    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
-    task = config.get("task") or {}
-    if not task:
-        return True
-    if task.get("type") == "chief":
-        return True
-    return task.get("type") == "worker" and task.get("index", 0) == 0 and "chief" not in config.get("cluster", {})
-
-
 def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strategy, dict]:
     """Seeds, determinism, precision and distribution for one fit; the strategy and a description.
 
@@ -261,16 +249,17 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
     and pass the result to fit_classifier.
     """
     gpus = tf.config.list_physical_devices("GPU")
-    if settings.distribution == "multi_worker":
-        if not os.environ.get("TF_CONFIG"):
-            raise ValueError("finetune.distribution is multi_worker but TF_CONFIG is not set; set it on every "
-                             "worker (see the TensorFlow multi-worker guide) or use distribution: auto")
-        # fit_classifier trains it with dlfer.model.distributed's custom loop, which runs in float32 without
-        # XLA: loss scaling and XLA-compiled collectives are untested there, so "on" is refused.
+    if settings.distribution in ("ray", "multi_worker"):
+        # dlfer.model.distributed's custom loop runs in float32 without XLA: loss scaling and
+        # XLA-compiled collectives are untested there, so "on" is refused.
         for name in ("mixed_precision", "jit_compile"):
             if getattr(settings, name) == "on":
-                raise ValueError(f"finetune.{name}: on is not supported with distribution: multi_worker; "
-                                 "use auto or off")
+                raise ValueError(f"finetune.{name}: on is not supported with distribution: ray; use auto or off")
+    if settings.distribution == "multi_worker":
+        # Only inside a Ray Train worker, which sets TF_CONFIG for this strategy.
+        if not os.environ.get("TF_CONFIG"):
+            raise ValueError("multi_worker training needs TF_CONFIG, which Ray Train sets in its workers; "
+                             "use finetune.distribution: ray")
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     elif settings.distribution == "mirrored" or (settings.distribution == "auto" and len(gpus) > 1):
         strategy = tf.distribute.MirroredStrategy()
@@ -282,7 +271,7 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
         # On CPU determinism costs little and makes two runs with one seed give identical metrics.
         # On a GPU some kernels have no deterministic version; there speed wins.
         tf.config.experimental.enable_op_determinism()
-    custom_loop = settings.distribution == "multi_worker"
+    custom_loop = settings.distribution in ("ray", "multi_worker")
     mixed_precision = settings.mixed_precision == "on" or (settings.mixed_precision == "auto" and bool(gpus)
                                                            and not custom_loop)
     # XLA is a large win on GPUs; on these CPUs it made EfficientNet training ~8x slower (measured).
@@ -297,6 +286,8 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
         device = f"{len(gpus)} GPU(s) ({', '.join(names)})"
     else:
         device = "the CPU (no GPU found)"
+    if settings.distribution == "ray":
+        return strategy, runtime  # this process only starts the Ray workers; each says where it trains
     print(f"training on {device}: {runtime['strategy']}, {runtime['replicas']} replica(s), mixed precision "
           f"{'on' if mixed_precision else 'off'}, XLA {'on' if jit_compile else 'off'}", flush=True)
     return strategy, runtime
@@ -322,9 +313,6 @@ def fit_classifier(build_model: Callable[[], keras.Model], train: tuple[np.ndarr
         raise ValueError("fit_classifier cannot train under MultiWorkerMirroredStrategy; "
                          "dlfer.model.distributed.fit trains it with a custom loop")
     checkpoint_dir = Path(checkpoint_dir)
-    if not is_chief():
-        # Workers other than the chief train in lockstep but must not write the shared state.
-        checkpoint_dir = Path(tempfile.mkdtemp(prefix="dlfer-worker-"))
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     train_images, train_labels = train
     steps_per_epoch = -(-len(train_images) // settings.batch_size)
@@ -334,8 +322,8 @@ def fit_classifier(build_model: Callable[[], keras.Model], train: tuple[np.ndarr
         with strategy.scope():
             model = build_model()
             compile_model(model, settings, steps_per_epoch, jit_compile=runtime["jit_compile"])
-            state = _restore(model, checkpoint_dir)
-        progress = Progress(checkpoint_dir, settings, len(train_images), log_to_mlflow and is_chief(), state,
+            state = restore_state(model, checkpoint_dir)
+        progress = Progress(checkpoint_dir, settings, len(train_images), log_to_mlflow, state,
                              plateau=plateau_callback(settings), backup=True)
         progress.log_missing_epochs()
         class_weight = None
@@ -419,7 +407,7 @@ def _seed_states(model: keras.Model) -> list:
     return [variable for variable in model.variables if id(variable) not in weights]
 
 
-def _restore(model: keras.Model, directory: Path) -> dict:
+def restore_state(model: keras.Model, directory: Path) -> dict:
     """Load the last finished epoch's state that a killed run left in directory; that state, or {} to start fresh.
 
     Everything else there goes: files of an epoch that did not finish, or an older layout of the folder.
