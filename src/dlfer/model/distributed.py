@@ -155,6 +155,7 @@ def _ray_worker(config: dict) -> None:
     import ray.train
 
     context = ray.train.get_context()
+    tf.get_logger().setLevel("WARNING")  # not every collective's INFO line, twice per worker
     # Ray sets OMP_NUM_THREADS only; TensorFlow would start a thread per core of the machine in every worker.
     tf.config.threading.set_intra_op_parallelism_threads(max(1, round(config["cpus_per_worker"])))
     settings = dataclasses.replace(config["settings"], distribution="multi_worker")
