@@ -13,7 +13,7 @@ Writes  --out                models/finetune/<variant>/: model.keras (the whole 
         --metrics            metrics/finetune_<variant>.json: only figures a rerun reproduces (no timings)
         --plots              plots/finetune_<variant>.csv: per-epoch train/val accuracy and loss (paper Fig. 5)
 Params  seed, preprocess.protocol (MLflow tag), augment_balance.* (provenance only),
-        pretrain.* (source, backbone), finetune.*, evaluate.flip_tta (the views finetune.class_bias is fitted on)
+        pretrain.* (source, backbone), finetune.*
 MLflow  run finetune_<variant>, tags stage=finetune, variant, protocol, resumed_at_epoch; params, per-epoch
         and final metrics (timings among them), the model (name "model"), provenance.json and the plots CSV
 
@@ -108,10 +108,12 @@ def evaluate_best(model, images: np.ndarray, labels: np.ndarray) -> dict:
                                            zero_division=0))}
 
 
-def fit_class_bias(model, images: np.ndarray, labels: np.ndarray, flip_tta: bool) -> dict:
-    """Fit the per-class logit offsets on validation macro-F1 (views as evaluate makes them) and fold them
-    into the model's head; returns the offsets and the validation macro-F1 before and after."""
-    bias, before, after = class_bias.fit_class_bias(class_bias.predict_views(model, images, flip_tta), labels)
+def fit_class_bias(model, images: np.ndarray, labels: np.ndarray) -> dict:
+    """Fit the per-class logit offsets on validation macro-F1 and fold them into the model's head; returns the
+    offsets and the validation macro-F1 before and after. The views are each face and its mirror, as evaluate
+    makes them with flip_tta (the default): a finetune param rather than evaluate's, so that switching TTA
+    reruns evaluate only."""
+    bias, before, after = class_bias.fit_class_bias(class_bias.predict_views(model, images, flip_tta=True), labels)
     class_bias.add_to_head(model, bias)
     print(f"finetune: class bias fitted on validation macro-F1 ({before:.4f} -> {after:.4f}): "
           + ", ".join(f"{emotion} {offset:+.2f}" for emotion, offset in zip(EMOTIONS, bias)))
@@ -181,8 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         train.record_run(checkpoint_dir, run.info.run_id, tracking.tracking_uri())
         result = distributed.fit(build, train_split, val_split, settings, checkpoint_dir, len(EMOTIONS),
                                  runtime=runtime, ray=ray, log_to_mlflow=True)
-        bias_metrics = fit_class_bias(result.model, *val_split, flip_tta=params.evaluate.flip_tta) \
-            if finetune.class_bias == "val_macro_f1" else {}
+        bias_metrics = fit_class_bias(result.model, *val_split) if finetune.class_bias == "val_macro_f1" else {}
         # Only what a rerun reproduces, killed and resumed or not, so that DVC sees no change without one.
         metrics = {"train_accuracy": result.best["accuracy"], "val_loss": result.best["val_loss"], **bias_metrics,
                    **evaluate_best(result.model, *val_split), "best_epoch": result.best_epoch,

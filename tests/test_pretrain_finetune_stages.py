@@ -47,7 +47,6 @@ def write_params(directory: Path, **sections) -> Path:
                               max_seconds=0)
     params["finetune"].update(backbone="efficientnet_b0", epochs=2, batch_size=16, max_seconds=0,
                               class_bias="val_macro_f1")
-    params["evaluate"].update(flip_tta=True)
     for section, values in sections.items():
         params[section].update(values)
     directory.mkdir(parents=True, exist_ok=True)
