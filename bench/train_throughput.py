@@ -1,42 +1,69 @@
-"""Training images/s of EF-FER2 fed by the real input pipeline vs. by in-memory synthetic batches.
+"""Training images/s of EF-FER2 on this machine: Keras' kernels (before issue 15), dlfer's CPU kernels, other options.
 
-The real pipeline is the finetune stage's: uint8 arrays from an npz, through dlfer.model.train.make_dataset
-(shuffle, batch, parallel cast and one-hot, prefetch). The synthetic feed repeats one batch that
-is already a float tensor, so it costs nothing per step. Their ratio is what the input pipeline
-costs (goal: under 5%, i.e. a ratio above 0.95). The first steps (tracing) are not timed, and the
-two feeds alternate over several rounds (medians reported) so that load from other processes on
-a shared machine does not favour one of them.
+    python bench/train_throughput.py [--size 64] [--batch-size 64] [--backbone efficientnet_lite0]
+                                     [--settings keras cpu_kernels pipeline ...] [--rounds 3] [--steps 8]
+                                     [--profile] [--xla-ops] [--train data/balanced/train.npz]
 
-    python bench/train_throughput.py [--train data/balanced/train.npz] [--sizes 48 96 224]
-                                     [--steps 4] [--rounds 3] [--batch-size 16] [--backbone efficientnet_b3]
+Each setting trains in its own process (oneDNN and TensorFlow's thread pools are fixed when it starts), as
+the finetune stage trains on CPU: model.fit on real FER2013 faces (48x48 grey, resized inside the model),
+Adam with a cosine schedule, label smoothing, determinism on. Steps are timed inside one fit from the end
+of two warm-up steps to the last step's end (fit's own start and end are not training). The processes
+alternate over --rounds rounds; the table gives each one's median images/s and its ratio to "keras", the
+CPU path before issue 15, measured in this one run, so a noisy machine shifts all rows alike.
 
-Without --train and without data/balanced/train.npz, the images come from the shared FER2013 zip.
+- keras: Keras' layers as they are (finetune.cpu_kernels: off).
+- cpu_kernels: dlfer.model.cpu_kernels (finetune.cpu_kernels: auto on a CPU, the default).
+- pipeline: cpu_kernels fed by the finetune stage's input pipeline (dlfer.model.train.make_dataset) instead
+  of one batch held in memory; its ratio to cpu_kernels is what feeding costs.
+- no_determinism, inter_op_1, onednn_off, bfloat16: cpu_kernels with one runtime option changed.
+- xla: Keras' layers under jit_compile (slow: minutes; --xla-ops says why).
+
+--profile traces a few steps of keras and of cpu_kernels with TensorFlow's profiler and prints where the
+time goes: forward vs backward (gradient) ops, and milliseconds per step by op type.
+--xla-ops times single layers' forward and backward with and without XLA.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
 
-import keras
-import numpy as np
-import tensorflow as tf
-from PIL import Image
-
-from dlfer.fer2013 import EMOTIONS
-from dlfer.model import backbones, train
-
 FER2013_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fer2013" / "fer2013.zip"
 WARMUP_STEPS = 2
+# name -> (environment, options); options: kernels (keras | dlfer), feed (memory | pipeline), determinism,
+# inter_op, precision, jit_compile.
+SETTINGS = {
+    "keras": ({}, {"kernels": "keras"}),
+    "cpu_kernels": ({}, {}),
+    "pipeline": ({}, {"feed": "pipeline"}),
+    "no_determinism": ({}, {"determinism": False}),
+    "inter_op_1": ({}, {"inter_op": 1}),
+    "onednn_off": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, {}),
+    "bfloat16": ({}, {"precision": "mixed_bfloat16"}),
+    "xla": ({}, {"kernels": "keras", "jit_compile": True}),
+}
 
 
-def load_images(path: Path | None, count: int) -> tuple[np.ndarray, np.ndarray, str]:
+def load_faces(path: Path | None, count: int):
+    """(images (N,48,48,1) float32, labels (N,) int64, where they came from): an npz, else the shared FER2013 zip."""
+    import numpy as np
+    from PIL import Image
+
+    from dlfer.fer2013 import EMOTIONS
+
     if path is not None:
         with np.load(path, allow_pickle=False) as archive:
-            return archive["images"], archive["labels"], str(path)
+            images, labels = archive["images"][:count], archive["labels"][:count]
+        return images[..., None].astype("float32"), labels.astype("int64"), str(path)
     if not FER2013_ZIP.is_file():
         raise SystemExit(f"no --train npz and {FER2013_ZIP} is absent; pass --train data/balanced/train.npz")
     with zipfile.ZipFile(FER2013_ZIP) as archive:
@@ -44,58 +71,180 @@ def load_images(path: Path | None, count: int) -> tuple[np.ndarray, np.ndarray, 
         names = names[:: max(len(names) // count, 1)][:count]
         images = np.stack([np.asarray(Image.open(io.BytesIO(archive.read(name))).convert("L")) for name in names])
     labels = np.array([EMOTIONS.index(name.split("/")[1]) for name in names], dtype=np.int64)
-    return images, labels, f"{len(names)} images of {FER2013_ZIP.name}"
+    return images[..., None].astype("float32"), labels, f"{len(names)} faces of {FER2013_ZIP.name}"
 
 
-class _StepTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.started = None
-        self.finished = None
+def measure(options: dict, arguments: argparse.Namespace, trace: str | None) -> float:
+    """Images/s of model.fit in this process, timed from the end of the warm-up steps to the last step's end."""
+    import keras
+    import tensorflow as tf
 
-    def on_train_batch_end(self, batch, logs=None):
-        if batch == WARMUP_STEPS - 1:
-            self.started = time.perf_counter()
-        self.finished = time.perf_counter()
+    from dlfer.fer2013 import EMOTIONS
+    from dlfer.model import backbones, cpu_kernels, train
+
+    if options.get("inter_op"):
+        tf.config.threading.set_inter_op_parallelism_threads(options["inter_op"])
+    if options.get("determinism", True):
+        tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_global_policy(options.get("precision", "float32"))
+    keras.utils.set_random_seed(0)
+    steps, batch_size = arguments.steps, arguments.batch_size
+    images, labels, _ = load_faces(arguments.train, (steps + WARMUP_STEPS) * batch_size)
+    model = backbones.build_classifier(arguments.backbone, arguments.size, 1, 0.2)
+    if options.get("kernels", "dlfer") == "dlfer":
+        cpu_kernels.install(model)
+    settings = train.TrainingSettings(epochs=1, batch_size=batch_size, learning_rate=2e-3, seed=0,
+                                      lr_schedule="cosine", label_smoothing=0.1)
+    train.compile_model(model, settings, steps_per_epoch=1000, jit_compile=options.get("jit_compile", False))
+    if options.get("feed") == "pipeline":
+        dataset = train.make_dataset(images[..., 0].astype("uint8"), labels, batch_size, len(EMOTIONS),
+                                     shuffle_seed=0).repeat()
+    else:
+        batch = (images[:batch_size], keras.utils.to_categorical(labels[:batch_size], len(EMOTIONS)))
+        dataset = tf.data.Dataset.from_tensors(batch).repeat()
+    model.fit(dataset, epochs=1, steps_per_epoch=WARMUP_STEPS, verbose=0)  # tracing
+    ends = []
+    timer = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(time.perf_counter()))
+    if trace:
+        tf.profiler.experimental.start(trace)
+    model.fit(dataset, epochs=1, steps_per_epoch=WARMUP_STEPS + steps, callbacks=[timer], verbose=0)
+    if trace:
+        tf.profiler.experimental.stop()
+    return steps * batch_size / (ends[-1] - ends[WARMUP_STEPS - 1])
 
 
-def images_per_second(model: keras.Model, dataset: tf.data.Dataset, steps: int, batch_size: int) -> float:
-    """Timed inside one fit, as the finetune stage trains: from the end of the warm-up steps to the last step."""
-    timer = _StepTimer()
-    model.fit(dataset, epochs=1, steps_per_epoch=WARMUP_STEPS + steps, callbacks=[timer], verbose=0, shuffle=False)
-    return steps * batch_size / (timer.finished - timer.started)
+def run_setting(name: str, arguments: argparse.Namespace, trace: str | None = None) -> float:
+    environment, _ = SETTINGS[name]
+    command = [sys.executable, __file__, "--measure", name, "--size", str(arguments.size), "--batch-size",
+               str(arguments.batch_size), "--steps", str(arguments.steps), "--backbone", arguments.backbone]
+    if arguments.train:
+        command += ["--train", str(arguments.train)]
+    if trace:
+        command += ["--trace", trace]
+    result = subprocess.run(command, env={**os.environ, **environment}, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{name}: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["images_per_second"]
+
+
+def op_times(trace: str, steps: int) -> tuple[dict[str, float], float, float]:
+    """Milliseconds per step by op type (self time, all threads), the backward share, and the idle share."""
+    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin
+
+    spaces = sorted(str(path) for path in Path(trace).rglob("*.xplane.pb"))
+    raw, _ = _pywrap_profiler_plugin.xspace_to_tools_data(spaces, "framework_op_stats", {})
+    table = json.loads(raw)
+    table = table[0] if isinstance(table, list) else table
+    columns = [column["id"] for column in table["cols"]]
+    rows = [dict(zip(columns, (cell.get("v") if cell else None for cell in row["c"]))) for row in table["rows"]]
+    idle = sum(row["total_self_time"] for row in rows if row["type"] == "IDLE")
+    rows = [row for row in rows if row["type"] != "IDLE"]
+    busy = sum(row["total_self_time"] for row in rows) or 1.0
+    by_type: dict[str, float] = {}
+    backward = 0.0
+    for row in rows:
+        # oneDNN's kernels are named _MklNative<Op> or _Mkl<Op>: one row per TensorFlow op.
+        name = row["type"].removeprefix("_MklNative").removeprefix("_Mkl")
+        by_type[name] = by_type.get(name, 0.0) + row["total_self_time"] / 1000 / (steps + WARMUP_STEPS)
+        if "gradient" in row["operation"].lower() or "Backprop" in row["type"] or "Grad" in row["type"]:
+            backward += row["total_self_time"]
+    return by_type, backward / busy, idle / (idle + busy)
+
+
+def profile_table(arguments: argparse.Namespace, names: list[str], top: int = 14) -> list[str]:
+    profiles = {}
+    for name in names:
+        with tempfile.TemporaryDirectory() as trace:
+            run_setting(name, arguments, trace=trace)
+            profiles[name] = op_times(trace, arguments.steps)
+    lines = ["profile (TensorFlow profiler, op self time summed over threads, ms per step):"]
+    for name, (_, backward, idle) in profiles.items():
+        lines.append(f"  {name}: backward (gradient) ops {100 * backward:.0f}% of the busy time, forward and "
+                     f"optimizer {100 * (1 - backward):.0f}%; idle {100 * idle:.0f}% of the traced thread time")
+    totals = {op: sum(profiles[name][0].get(op, 0.0) for name in names) for name in names
+              for op in profiles[name][0]}
+    lines.append(f"  {'op type':<44}" + "".join(f"{name:>13}" for name in names))
+    for op in sorted(totals, key=lambda op: -totals[op])[:top]:
+        lines.append(f"  {op:<44}" + "".join(f"{profiles[name][0].get(op, 0.0):>13.1f}" for name in names))
+    lines.append(f"  {'all ops':<44}" + "".join(f"{sum(profiles[name][0].values()):>13.1f}" for name in names))
+    return lines
+
+
+def xla_ops_table() -> list[str]:
+    """One layer's forward and backward at a Lite0 shape, as a graph and under XLA, in this process."""
+    import numpy as np
+    import tensorflow as tf
+
+    inputs = tf.constant(np.random.default_rng(0).random((64, 16, 16, 144), dtype=np.float32))
+    cases = {
+        "depthwise 5x5": ((5, 5, 144, 1), lambda x, w: tf.nn.depthwise_conv2d(x, w, [1, 1, 1, 1], "SAME")),
+        "depthwise 3x3": ((3, 3, 144, 1), lambda x, w: tf.nn.depthwise_conv2d(x, w, [1, 1, 1, 1], "SAME")),
+        "convolution 1x1": ((1, 1, 144, 24), lambda x, w: tf.nn.conv2d(x, w, 1, "SAME")),
+        "convolution 3x3": ((3, 3, 144, 24), lambda x, w: tf.nn.conv2d(x, w, 1, "SAME")),
+        "batch norm + relu6": ((144,), lambda x, w: tf.nn.relu6(
+            tf.nn.batch_normalization(x, *tf.nn.moments(x, [0, 1, 2]), w, w, 1e-3))),
+    }
+    lines = [f"XLA on this CPU, one layer's forward and backward at (64, 16, 16, 144):",
+             f"  {'layer':<20} {'graph ms':>9} {'XLA ms':>9} {'XLA / graph':>12}"]
+    for name, (shape, layer) in cases.items():
+        weights = tf.Variable(np.random.default_rng(1).random(shape, dtype=np.float32))
+
+        def step(layer=layer, weights=weights):
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                loss = tf.reduce_sum(layer(inputs, weights) ** 2)
+            return tape.gradient(loss, [inputs, weights])
+
+        times = []
+        for function in (tf.function(step), tf.function(step, jit_compile=True)):
+            function()
+            started = time.perf_counter()
+            for _ in range(5):
+                results = function()
+            [result.numpy() for result in results]
+            times.append((time.perf_counter() - started) / 5 * 1000)
+        lines.append(f"  {name:<20} {times[0]:>9.2f} {times[1]:>9.2f} {times[1] / times[0]:>11.1f}x")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--train", type=Path, default=None, help="npz with images (N,48,48) uint8 and labels")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[48, 96, 224])
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating measurements of each feed")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--backbone", default="efficientnet_b3", choices=backbones.BACKBONES)
+    parser.add_argument("--settings", nargs="+", default=["keras", "cpu_kernels", "pipeline"],
+                        choices=list(SETTINGS), help="xla takes minutes")
+    parser.add_argument("--profile", action="store_true", help="trace keras and cpu_kernels: where the time goes")
+    parser.add_argument("--xla-ops", action="store_true", help="single layers with and without XLA")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--trace", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
-    default_train = Path("data/balanced/train.npz")
-    path = arguments.train or (default_train if default_train.is_file() else None)
-    needed = (arguments.steps + WARMUP_STEPS) * arguments.batch_size * arguments.rounds
-    images, labels, origin = load_images(path, needed)
-    print(f"images: {origin}; backbone {arguments.backbone}; batch {arguments.batch_size}; "
-          f"{arguments.rounds} rounds of {arguments.steps} timed steps; devices: {[d.device_type for d in tf.config.list_physical_devices()]}")
-    settings = train.TrainingSettings(epochs=1, batch_size=arguments.batch_size, learning_rate=1e-3, seed=0)
-    print(f"{'size':>5} {'pipeline img/s':>15} {'synthetic img/s':>16} {'ratio':>6}")
-    for size in arguments.sizes:
-        keras.utils.set_random_seed(0)
-        model = backbones.build_classifier(arguments.backbone, size, 3, 0.2)
-        train.compile_model(model, settings, steps_per_epoch=1)
-        real = train.make_dataset(images, labels, arguments.batch_size, len(EMOTIONS), shuffle_seed=0).repeat()
-        batch = next(iter(real))
-        synthetic = tf.data.Dataset.from_tensors(batch).repeat()
-        rates = {"real": [], "synthetic": []}
-        for _ in range(arguments.rounds):
-            rates["synthetic"].append(images_per_second(model, synthetic, arguments.steps, arguments.batch_size))
-            rates["real"].append(images_per_second(model, real, arguments.steps, arguments.batch_size))
-        real_rate, synthetic_rate = np.median(rates["real"]), np.median(rates["synthetic"])
-        print(f"{size:>5} {real_rate:>15.1f} {synthetic_rate:>16.1f} {real_rate / synthetic_rate:>6.3f}", flush=True)
+    if arguments.measure:
+        rate = measure(SETTINGS[arguments.measure][1], arguments, arguments.trace)
+        print(json.dumps({"images_per_second": rate}))
+        return
+    from dlfer.evaluation.results import processor_name
+
+    names = ["keras", *[name for name in arguments.settings if name != "keras"]]
+    print(f"processor: {processor_name()}, {len(os.sched_getaffinity(0))} cores; {arguments.backbone} at "
+          f"{arguments.size} px, batch {arguments.batch_size}, {arguments.rounds} rounds of {arguments.steps} "
+          f"timed steps, one process per setting", flush=True)
+    rates = {name: [] for name in names}
+    for _ in range(arguments.rounds):
+        for name in names:
+            rates[name].append(run_setting(name, arguments))
+    base = statistics.median(rates["keras"])
+    print(f"{'setting':<16} {'img/s':>8} {'vs keras':>9}")
+    for name in names:
+        rate = statistics.median(rates[name])
+        print(f"{name:<16} {rate:>8.1f} {rate / base:>8.2f}x", flush=True)
+    if arguments.profile:
+        print("\n".join(profile_table(arguments, ["keras", "cpu_kernels"])), flush=True)
+    if arguments.xla_ops:
+        print("\n".join(xla_ops_table()))
 
 
 if __name__ == "__main__":

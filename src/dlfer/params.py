@@ -133,6 +133,7 @@ class FinetuneParams:
     max_seconds: float
     mixed_precision: str
     jit_compile: str
+    cpu_kernels: str
     distribution: str
     online_flip: float
     online_shift: float
@@ -151,7 +152,7 @@ class FinetuneParams:
         _require_choice("finetune.channels", self.channels, (1, 3))
         _require_choice("finetune.class_weights", self.class_weights, ("none", "balanced"))
         _require_choice("finetune.class_bias", self.class_bias, ("none", "val_macro_f1"))
-        for key in ("mixed_precision", "jit_compile"):
+        for key in ("mixed_precision", "jit_compile", "cpu_kernels"):
             _require_choice(f"finetune.{key}", getattr(self, key), ("auto", "on", "off"))
         _require_choice("finetune.distribution", self.distribution, ("auto", "none", "mirrored", "ray"))
         _require_range("finetune.ray_workers", self.ray_workers, minimum=1)

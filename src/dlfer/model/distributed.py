@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from dlfer.files import read_json
-from dlfer.model import train
+from dlfer.model import cpu_kernels, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +207,8 @@ def fit_multi_worker(build_model: Callable[[], keras.Model], train_split: tuple[
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     with strategy.scope():
         model = build_model()
+        if runtime["cpu_kernels"]:
+            cpu_kernels.install(model)
         train.compile_model(model, settings, steps_per_epoch)
         model.optimizer.build(model.trainable_variables)  # its variables too must be made under the scope
         state = train.restore_state(model, checkpoint_dir)

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from dlfer.files import write_json
+from dlfer.model import cpu_kernels
 
 # ReduceLROnPlateau for lr_schedule=plateau: halve the rate after 2 epochs without improvement.
 PLATEAU_FACTOR = 0.5
@@ -57,6 +58,7 @@ class TrainingSettings:
     max_seconds: float = 0.0            # 0 = no budget
     mixed_precision: str = "auto"       # auto | on | off
     jit_compile: str = "auto"           # auto | on | off
+    cpu_kernels: str = "auto"           # auto | on | off (dlfer.model.cpu_kernels)
     distribution: str = "auto"          # auto | none | mirrored | ray (multi_worker: inside a Ray worker)
     online_flip: float = 0.0            # the fresh random transform of each image at each step (OnlineAugmentation)
     online_shift: float = 0.0
@@ -274,10 +276,15 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
     custom_loop = settings.distribution in ("ray", "multi_worker")
     mixed_precision = settings.mixed_precision == "on" or (settings.mixed_precision == "auto" and bool(gpus)
                                                            and not custom_loop)
-    # XLA is a large win on GPUs; on these CPUs it made EfficientNet training ~8x slower (measured).
+    # XLA is a large win on GPUs and stays off on CPUs: XLA:CPU compiles a depthwise convolution (a convolution
+    # with one group per channel) to generic loops, tens of times slower than TensorFlow's kernels, and other
+    # convolutions to Eigen's instead of oneDNN's (`python bench/train_throughput.py --xla-ops` measures both).
     jit_compile = settings.jit_compile == "on" or (settings.jit_compile == "auto" and bool(gpus)
                                                    and not custom_loop)
-    runtime = {"mixed_precision": mixed_precision, "jit_compile": jit_compile, "gpus": len(gpus),
+    # The same function, faster on CPUs; a GPU keeps Keras' kernels (cuDNN's are fast there).
+    use_cpu_kernels = settings.cpu_kernels == "on" or (settings.cpu_kernels == "auto" and not gpus)
+    runtime = {"mixed_precision": mixed_precision, "jit_compile": jit_compile, "cpu_kernels": use_cpu_kernels,
+               "gpus": len(gpus),
                "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
                "deterministic": deterministic}
     # The one device line a user sees: TensorFlow's own device logs are silenced (dlfer/__init__.py).
@@ -289,7 +296,8 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
     if settings.distribution == "ray":
         return strategy, runtime  # this process only starts the Ray workers; each says where it trains
     print(f"training on {device}: {runtime['strategy']}, {runtime['replicas']} replica(s), mixed precision "
-          f"{'on' if mixed_precision else 'off'}, XLA {'on' if jit_compile else 'off'}", flush=True)
+          f"{'on' if mixed_precision else 'off'}, XLA {'on' if jit_compile else 'off'}, dlfer's CPU kernels "
+          f"{'on' if use_cpu_kernels else 'off'}", flush=True)
     return strategy, runtime
 
 
@@ -321,6 +329,8 @@ def fit_classifier(build_model: Callable[[], keras.Model], train: tuple[np.ndarr
     try:
         with strategy.scope():
             model = build_model()
+            if runtime["cpu_kernels"]:
+                cpu_kernels.install(model)
             compile_model(model, settings, steps_per_epoch, jit_compile=runtime["jit_compile"])
             state = restore_state(model, checkpoint_dir)
         progress = Progress(checkpoint_dir, settings, len(train_images), log_to_mlflow, state,
