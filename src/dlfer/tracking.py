@@ -113,7 +113,12 @@ def configure() -> str:
                     raise
         experiment = mlflow.set_experiment(EXPERIMENT_NAME)
         if experiment.tags.get("mlflow.note.content") != EXPERIMENT_DESCRIPTION:
-            client.set_experiment_tag(experiment.experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
+            try:
+                client.set_experiment_tag(experiment.experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
+            except Exception:  # another stage set it at the same moment (sqlite: a UNIQUE constraint fails)
+                tags = client.get_experiment(experiment.experiment_id).tags
+                if tags.get("mlflow.note.content") != EXPERIMENT_DESCRIPTION:
+                    raise
     except Exception as error:  # MLflow and SQLAlchemy raise many kinds for a store that cannot be opened
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise TrackingUnavailable(f"MLflow tracking store {uri} cannot be used ({reason}); fix or unset "
