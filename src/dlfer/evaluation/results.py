@@ -166,6 +166,14 @@ def _rate(run: dict, variant: str) -> str:
     return MISSING if rate is None else f"{rate:.0f}"
 
 
+def _kernels(run: dict, variant: str) -> str:
+    runtime = run["training"].get(variant, {}).get("runtime")
+    if runtime is None:
+        return MISSING
+    # Runs saved before finetune.cpu_kernels existed trained with Keras' own kernels.
+    return "dlfer" if runtime.get("cpu_kernels") else "Keras"
+
+
 def _epochs(finetune: dict) -> str:
     if not finetune:
         return MISSING
@@ -181,11 +189,11 @@ def runs_table(runs: dict) -> list[str]:
             if not evaluate:
                 continue
             finetune = run["metrics"].get(f"finetune_{variant}", {})
-            rows.append([f"`{name}`", protocol_of(run), LABELS[variant], _epochs(finetune), _minutes(run, variant),
-                         _rate(run, variant), _pct(finetune.get("val_accuracy")),
+            rows.append([f"`{name}`", protocol_of(run), LABELS[variant], _epochs(finetune), _kernels(run, variant),
+                         _minutes(run, variant), _rate(run, variant), _pct(finetune.get("val_accuracy")),
                          _with_interval(evaluate, "test_accuracy"), _with_interval(evaluate, "f1_macro"),
                          str(evaluate.get("n_test", MISSING))])
-    return _table(["run", "protocol", "model", "epochs", "train min", "images/s", "val acc", "test acc (95% CI)",
+    return _table(["run", "protocol", "model", "epochs", "kernels", "train min", "images/s", "val acc", "test acc (95% CI)",
                    "test macro-F1 (95% CI)", "test images"], rows)
 
 
@@ -271,7 +279,9 @@ def render_report(runs: dict, references: dict) -> str:
              "edit by hand. Each run's folder holds its `params.diff.yaml` (against the default params.yaml); "
              "`dvc exp run -n <name> $(dlfer profile <profile>)` reruns it. val: the model-selection split "
              "(official: PublicTest); test: read once, by evaluate (official: PrivateTest). Accuracies in percent; "
-             "train minutes and images/s are this machine's (see each run's training.json for the processor).", "",
+             "train minutes and images/s are this machine's (see each run's training.json for the processor). kernels: "
+             "what trained on the CPU, Keras' layers or dlfer's faster kernels for them (finetune.cpu_kernels: the "
+             "same function; floating-point rounding then takes two runs apart).", "",
              "## Runs", "", *runs_table(runs), "",
              *ablation_lines(runs, claims), *leak_lines(runs, claims), *peers_lines(references)]
     processors = sorted({run["training"].get("processor", MISSING) for run in runs.values()})
