@@ -549,28 +549,39 @@ class Progress(keras.callbacks.Callback):
         improved = self.best_epoch is None or self._improves(row, self.history[self.best_epoch - 1])
         if improved:
             self.best_epoch = row["epoch"]
-        patience = self.settings.early_stopping_patience
-        if patience and row["epoch"] - self.best_epoch >= patience:
+        reason = self._stop_reason(row)
+        if reason:
             self.model.stop_training = True
-            self.stopped_by = "early_stopping"
-        budget = self.settings.max_seconds
-        if budget and not self.model.stop_training and self.seconds + row["seconds"] > budget:
-            # Another epoch would end past the budget: stop now rather than overrun it.
-            self.model.stop_training = True
-            self.stopped_by = "max_seconds"
+            self.stopped_by = reason
         if self.plateau is not None:
             self.plateau.on_epoch_end(epoch, dict(logs))
+        # After the plateau step, so that a resumed run's optimizer has the next epoch's learning rate.
+        self._commit(row["epoch"], improved)
+        if self.log_to_mlflow:
+            self._log(row)
+
+    def _stop_reason(self, row: dict) -> str | None:
+        """Why training stops after this epoch: early_stopping, max_seconds, or None to go on."""
+        patience = self.settings.early_stopping_patience
+        if patience and row["epoch"] - self.best_epoch >= patience:
+            return "early_stopping"
+        budget = self.settings.max_seconds
+        # Another epoch would end past the budget: stop now rather than overrun it. (A step past the budget
+        # has already stopped this epoch and said so in on_train_batch_end.)
+        if budget and not self.model.stop_training and self.seconds + row["seconds"] > budget:
+            return "max_seconds"
+        return None
+
+    def _commit(self, epoch: int, improved: bool) -> None:
+        """Save a best epoch's weights (every epoch's with backup), write progress.json, delete older weights."""
         if self.backup or improved:
-            # After the plateau step, so that a resumed run's optimizer has the next epoch's learning rate.
-            self.model.save_weights(self.directory / _weights_name(row["epoch"]))
+            self.model.save_weights(self.directory / _weights_name(epoch))
         if self.backup:
-            write_json(self.directory / PROGRESS_FILE, self._state(row["epoch"]))
-        keep = {_weights_name(self.best_epoch), _weights_name(row["epoch"]) if self.backup else None}
+            write_json(self.directory / PROGRESS_FILE, self._state(epoch))
+        keep = {_weights_name(self.best_epoch), _weights_name(epoch) if self.backup else None}
         for path in self.directory.glob(_weights_name("*")):
             if path.name not in keep:
                 path.unlink()
-        if self.log_to_mlflow:
-            self._log(row)
 
     def _state(self, epoch: int) -> dict:
         plateau = {}
