@@ -23,18 +23,11 @@ VARIANT_LABELS = {"with_ef_fer1": "EF-FER2 initialised from EF-FER1 (DLFER)",
 MISSING = "n/a"
 
 
-def _read_json(path: Path) -> dict:
+def _read_mapping(path: Path, parse=json.loads) -> dict:
+    """The JSON (or, with parse=yaml.safe_load, YAML) mapping in path; {} when it is absent or not a mapping."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        value = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        value = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):  # json.JSONDecodeError is a ValueError
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -89,18 +82,18 @@ def collect(params_path: Path, metrics_dir: Path, models_dir: Path, reports_dir:
             references_path: Path = Path("references/paper.yaml")) -> dict:
     """Everything the card reads, as plain dicts ({} or [] where a file is missing)."""
     return {
-        "params": _read_yaml(params_path),
-        "references": _read_yaml(references_path),
-        "fetch": _read_json(metrics_dir / "fetch.json"),
-        "validate": _read_json(metrics_dir / "validate.json"),
-        "preprocess": _read_json(metrics_dir / "preprocess.json"),
-        "augment_balance": _read_json(metrics_dir / "augment_balance.json"),
-        "pretrain": _read_json(metrics_dir / "pretrain.json"),
-        "finetune": {variant: _read_json(metrics_dir / f"finetune_{variant}.json") for variant in VARIANTS},
-        "evaluate": {variant: _read_json(metrics_dir / f"evaluate_{variant}.json") for variant in VARIANTS},
-        "provenance": {variant: _read_json(models_dir / "finetune" / variant / "provenance.json")
+        "params": _read_mapping(params_path, yaml.safe_load),
+        "references": _read_mapping(references_path, yaml.safe_load),
+        "fetch": _read_mapping(metrics_dir / "fetch.json"),
+        "validate": _read_mapping(metrics_dir / "validate.json"),
+        "preprocess": _read_mapping(metrics_dir / "preprocess.json"),
+        "augment_balance": _read_mapping(metrics_dir / "augment_balance.json"),
+        "pretrain": _read_mapping(metrics_dir / "pretrain.json"),
+        "finetune": {variant: _read_mapping(metrics_dir / f"finetune_{variant}.json") for variant in VARIANTS},
+        "evaluate": {variant: _read_mapping(metrics_dir / f"evaluate_{variant}.json") for variant in VARIANTS},
+        "provenance": {variant: _read_mapping(models_dir / "finetune" / variant / "provenance.json")
                        for variant in VARIANTS},
-        "mlflow_run": _read_json(models_dir / "finetune" / VARIANTS[0] / "mlflow_run.json"),
+        "mlflow_run": _read_mapping(models_dir / "finetune" / VARIANTS[0] / "mlflow_run.json"),
         "per_class": _read_per_class(reports_dir / "evaluate" / VARIANTS[0] / "per_class.csv"),
         "paths": {"params": params_path, "metrics": metrics_dir, "models": models_dir, "reports": reports_dir},
     }
