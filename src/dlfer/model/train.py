@@ -284,8 +284,7 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
     # The same function, faster on CPUs; a GPU keeps Keras' kernels (cuDNN's are fast there).
     use_cpu_kernels = settings.cpu_kernels == "on" or (settings.cpu_kernels == "auto" and not gpus)
     runtime = {"mixed_precision": mixed_precision, "jit_compile": jit_compile, "cpu_kernels": use_cpu_kernels,
-               "gpus": len(gpus),
-               "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
+               "gpus": len(gpus), "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
                "deterministic": deterministic}
     # The one device line a user sees: TensorFlow's own device logs are silenced (dlfer/__init__.py).
     if gpus:
