@@ -161,8 +161,8 @@ def profile_table(arguments: argparse.Namespace, names: list[str], top: int = 14
     for name, (_, backward, idle) in profiles.items():
         lines.append(f"  {name}: backward (gradient) ops {100 * backward:.0f}% of the busy time, forward and "
                      f"optimizer {100 * (1 - backward):.0f}%; idle {100 * idle:.0f}% of the traced thread time")
-    totals = {op: sum(profiles[name][0].get(op, 0.0) for name in names) for name in names
-              for op in profiles[name][0]}
+    ops = {op for times, _, _ in profiles.values() for op in times}
+    totals = {op: sum(times.get(op, 0.0) for times, _, _ in profiles.values()) for op in ops}
     lines.append(f"  {'op type':<44}" + "".join(f"{name:>13}" for name in names))
     for op in sorted(totals, key=lambda op: -totals[op])[:top]:
         lines.append(f"  {op:<44}" + "".join(f"{profiles[name][0].get(op, 0.0):>13.1f}" for name in names))
