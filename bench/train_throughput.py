@@ -2,7 +2,7 @@
 
     python bench/train_throughput.py [--size 64] [--batch-size 64] [--backbone efficientnet_lite0]
                                      [--settings keras cpu_kernels pipeline ...] [--rounds 3] [--steps 8]
-                                     [--profile] [--xla-ops] [--train data/balanced/train.npz]
+                                     [--profile] [--xla-ops] [--ceiling] [--train data/balanced/train.npz]
 
 Each setting trains in its own process (oneDNN and TensorFlow's thread pools are fixed when it starts), as
 the finetune stage trains on CPU: model.fit on real FER2013 faces (48x48 grey, resized inside the model),
@@ -21,6 +21,8 @@ CPU path before issue 15, measured in this one run, so a noisy machine shifts al
 --profile traces a few steps of keras and of cpu_kernels with TensorFlow's profiler and prints where the
 time goes: forward vs backward (gradient) ops, and milliseconds per step by op type.
 --xla-ops times single layers' forward and backward with and without XLA.
+--ceiling times the 1x1 convolutions' matrix products of one step alone and a large square product, so the
+table shows what the rest of a step (depthwise, batch norm, activations, optimizer) costs.
 """
 
 from __future__ import annotations
@@ -207,6 +209,49 @@ def xla_ops_table() -> list[str]:
     return lines
 
 
+def matmul_ceiling_lines(arguments: argparse.Namespace, step_ms: dict[str, float]) -> list[str]:
+    """How much of a cpu_kernels step the 1x1 convolutions' matrix products take, against this CPU's matmul rate."""
+    import numpy as np
+    import tensorflow as tf
+    from keras import layers
+
+    from dlfer.model import backbones
+
+    model = backbones.build_classifier(arguments.backbone, arguments.size, 1, 0.2)
+    shapes = [(arguments.batch_size * layer.input.shape[1] * layer.input.shape[2], layer.input.shape[3], layer.filters)
+              for layer in model._flatten_layers(include_self=False)
+              if type(layer) is layers.Conv2D and tuple(layer.kernel_size) == (1, 1) and tuple(layer.strides) == (1, 1)]
+    generator = np.random.default_rng(0)
+    operands = [(tf.constant(generator.random((rows, inner), dtype=np.float32)),
+                 tf.constant(generator.random((inner, outer), dtype=np.float32)),
+                 tf.constant(generator.random((rows, outer), dtype=np.float32))) for rows, inner, outer in shapes]
+
+    @tf.function
+    def products():  # forward, input gradient, kernel gradient of every 1x1 convolution
+        return [tf.reduce_sum(tf.matmul(x, w)) + tf.reduce_sum(tf.matmul(dy, w, transpose_b=True))
+                + tf.reduce_sum(tf.matmul(x, dy, transpose_a=True)) for x, w, dy in operands]
+
+    square = tf.constant(generator.random((2048, 2048), dtype=np.float32))
+    big = tf.function(lambda: tf.reduce_sum(tf.matmul(square, square)))
+
+    def milliseconds(function, repeats: int = 5) -> float:
+        function()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            np.asarray(function())
+        return (time.perf_counter() - started) / repeats * 1000
+
+    flops = sum(3 * 2 * rows * inner * outer for rows, inner, outer in shapes)
+    products_ms, square_ms = milliseconds(products), milliseconds(big)
+    kernels_ms, keras_ms = step_ms["cpu_kernels"], step_ms["keras"]
+    return [f"1x1 convolutions as matrix products: {len(shapes)} layers, {flops / 1e9:.1f} GFLOP per step "
+            f"(forward, input and kernel gradients), {products_ms:.1f} ms alone = {flops / products_ms / 1e6:.0f} "
+            f"GFLOP/s; one 2048x2048 product runs at {2 * 2048 ** 3 / square_ms / 1e6:.0f} GFLOP/s on this CPU",
+            f"  a cpu_kernels step takes {kernels_ms:.1f} ms: {products_ms:.1f} in these products, "
+            f"{kernels_ms - products_ms:.1f} in the rest (depthwise, batch norm, activations, optimizer, idle); "
+            f"2x keras ({keras_ms:.1f} ms) is a step of {keras_ms / 2:.1f} ms"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64)
@@ -219,6 +264,8 @@ def main() -> None:
                         choices=list(SETTINGS), help="xla takes minutes")
     parser.add_argument("--profile", action="store_true", help="trace keras and cpu_kernels: where the time goes")
     parser.add_argument("--xla-ops", action="store_true", help="single layers with and without XLA")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="the 1x1 convolutions' matrix products alone, against this CPU's matmul rate")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--trace", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
@@ -243,6 +290,9 @@ def main() -> None:
         print(f"{name:<16} {rate:>8.1f} {rate / base:>8.2f}x", flush=True)
     if arguments.profile:
         print("\n".join(profile_table(arguments, ["keras", "cpu_kernels"])), flush=True)
+    if arguments.ceiling and {"keras", "cpu_kernels"} <= set(names):
+        step_ms = {name: arguments.batch_size / statistics.median(rates[name]) * 1000 for name in names}
+        print("\n".join(matmul_ceiling_lines(arguments, step_ms)), flush=True)
     if arguments.xla_ops:
         print("\n".join(xla_ops_table()))
 

@@ -8,7 +8,9 @@ Reads   <model>/model.keras          Keras model: (N,48,48,1) raw pixels 0-255 -
         <audit>                     data/validated/audit.parquet: validate's exact / perceptual duplicate groups
 Writes  <metrics>                   metrics/evaluate_<variant>.json (flat numbers; the same dict goes to MLflow),
                                     with the leak (dlfer.evaluation.leak): test images with a sibling in train, and
-                                    accuracy on those with one and on those without
+                                    accuracy on those with one and on those without; with evaluate.flip_tta also
+                                    test_accuracy_one_view and f1_macro_one_view (the image alone: what predict,
+                                    serve and export answer)
         <reports>/predictions.csv   id, actual, predicted (emotion names), probability_<emotion> x 7,
                                     train_sibling (none | augmented | duplicate | both)
         <reports>/per_class.csv     emotion, precision, recall, f1, support
@@ -73,20 +75,31 @@ def load_model(model_dir: Path):
     return keras.models.load_model(model_file, compile=False)
 
 
-def predict_probabilities(model, images: np.ndarray, flip_tta: bool) -> np.ndarray:
-    """Softmax per image; with flip_tta the mean of the image's and its horizontal mirror's.
+def predict_views(model, images: np.ndarray, flip_tta: bool) -> np.ndarray:
+    """(views, N, classes) softmax: the image, and with flip_tta its horizontal mirror.
 
     Faces are roughly left-right symmetric and training already flips with p=0.5, so the mirror is an
-    equally valid view of the same expression. finetune fits its class bias on these same views.
+    equally valid view of the same expression. finetune fits its class bias on these same views. The
+    first view is what the saved model answers alone: predict, serve and export give that one.
     """
-    probabilities = class_bias.mean_probabilities(class_bias.predict_views(model, images, flip_tta))
+    views = class_bias.predict_views(model, images, flip_tta)
+    probabilities = class_bias.mean_probabilities(views)
     if probabilities.shape != (len(images), len(EMOTIONS)):
         raise EvaluateInputError(f"model output has shape {probabilities.shape}; expected ({len(images)}, "
                                  f"{len(EMOTIONS)}): one probability per emotion in Kaggle order")
     # The tolerance allows a float16 softmax under mixed precision; logits miss it by far.
     if not np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-2):
         raise EvaluateInputError("model output rows do not sum to 1: the model must end in a softmax, not logits")
-    return probabilities
+    return views
+
+
+def one_view_metrics(labels: np.ndarray, views: np.ndarray) -> dict:
+    """Accuracy and macro-F1 of the image alone (no mirror): the model as predict, serve and export run it."""
+    if len(views) < 2:
+        return {}
+    predicted = views[0].argmax(axis=1)
+    return {"test_accuracy_one_view": metrics.accuracy(labels, predicted),
+            "f1_macro_one_view": metrics.averaged_scores(labels, predicted, len(EMOTIONS))["f1_macro"]}
 
 
 def load_train_ids_and_audit(train_path: Path, audit_path: Path) -> tuple[np.ndarray, pd.DataFrame]:
@@ -165,10 +178,12 @@ def main(
     siblings = leak.train_siblings(ids, *load_train_ids_and_audit(train_path, audit_path))
     model = load_model(model_dir)
 
-    probabilities = predict_probabilities(model, images, params.evaluate.flip_tta)
+    views = predict_views(model, images, params.evaluate.flip_tta)
+    probabilities = class_bias.mean_probabilities(views)
     predicted = probabilities.argmax(axis=1)
     rng = np.random.default_rng(params.seed)
     results = metrics.evaluation_metrics(labels, predicted, EMOTIONS, params.evaluate.bootstrap_samples, rng)
+    results.update(one_view_metrics(labels, views))
     results.update(leak.leak_metrics(siblings, predicted == labels))
 
     logged_params = {"evaluate": params.section("evaluate"), "preprocess": {"protocol": params.preprocess.protocol},

@@ -163,6 +163,22 @@ def test_evaluate_averages_the_mirror_with_flip_tta(workspace):
     assert not np.allclose(expected, model.predict(images, verbose=0), atol=1e-5)
 
 
+def test_evaluate_also_scores_the_face_alone_as_predict_and_serve_answer(workspace):
+    import keras
+    from sklearn.metrics import f1_score
+
+    root, _ = workspace
+    with np.load(root / "data" / "balanced" / "test.npz") as archive:
+        images, labels = archive["images"][..., np.newaxis].astype("float32"), archive["labels"]
+    model = keras.models.load_model(root / "models" / "finetune" / "with_ef_fer1" / "model.keras")
+    alone = model.predict(images, verbose=0).argmax(axis=1)
+    metrics = json.loads((root / "metrics" / "evaluate_with_ef_fer1.json").read_text())
+    assert metrics["test_accuracy_one_view"] == pytest.approx(np.mean(alone == labels))
+    assert metrics["f1_macro_one_view"] == pytest.approx(f1_score(labels, alone, average="macro"))
+    predictions = pd.read_csv(root / "reports" / "evaluate" / "with_ef_fer1" / "predictions.csv")
+    assert (predictions["predicted"] != np.array(EMOTIONS)[alone]).any()  # the two views differ here
+
+
 def test_evaluate_logs_the_same_metrics_and_tags_to_mlflow(workspace):
     root, store = workspace
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")

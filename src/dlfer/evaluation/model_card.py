@@ -253,6 +253,10 @@ def _metrics(facts: dict, protocol: str) -> str:
     rows = [
         ["test accuracy", with_interval(evaluate, "test_accuracy", "test_accuracy_ci95_low", "test_accuracy_ci95_high")],
         ["test macro-F1", with_interval(evaluate, "f1_macro", "f1_macro_ci95_low", "f1_macro_ci95_high")],
+        *([["test accuracy / macro-F1, one view (the face alone, without its mirror: what predict, serve and "
+            "export answer)", f"{percent(evaluate['test_accuracy_one_view'])} / "
+                              f"{percent(evaluate.get('f1_macro_one_view'))}"]]
+          if "test_accuracy_one_view" in evaluate else []),
         ["test macro precision / recall", f"{percent(evaluate.get('precision_macro'))} / "
                                           f"{percent(evaluate.get('recall_macro'))}"],
         ["test weighted F1", percent(evaluate.get("f1_weighted"))],
