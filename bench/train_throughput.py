@@ -2,7 +2,7 @@
 
     python bench/train_throughput.py [--size 64] [--batch-size 64] [--backbone efficientnet_lite0]
                                      [--settings keras cpu_kernels pipeline ...] [--rounds 3] [--steps 8]
-                                     [--profile] [--xla-ops] [--ceiling] [--train data/balanced/train.npz]
+                                     [--no-profile] [--xla-ops] [--ceiling] [--train data/balanced/train.npz]
 
 Each setting trains in its own process (oneDNN and TensorFlow's thread pools are fixed when it starts), as
 the finetune stage trains on CPU: model.fit on real FER2013 faces (48x48 grey, resized inside the model),
@@ -18,8 +18,9 @@ CPU path before issue 15, measured in this one run, so a noisy machine shifts al
 - no_determinism, inter_op_1, onednn_off, bfloat16: cpu_kernels with one runtime option changed.
 - xla: Keras' layers under jit_compile (slow: minutes; --xla-ops says why).
 
---profile traces a few steps of keras and of cpu_kernels with TensorFlow's profiler and prints where the
-time goes: forward vs backward (gradient) ops, and milliseconds per step by op type.
+The profile (on unless --no-profile) traces a few steps of keras and of cpu_kernels with TensorFlow's
+profiler and prints where the time goes: forward vs backward (gradient) ops, and milliseconds per step by op
+type.
 --xla-ops times single layers' forward and backward with and without XLA.
 --ceiling times the 1x1 convolutions' matrix products of one step alone and a large square product, so the
 table shows what the rest of a step (depthwise, batch norm, activations, optimizer) costs.
@@ -262,7 +263,8 @@ def main() -> None:
     parser.add_argument("--train", type=Path, default=None, help="npz with images (N,48,48) uint8 and labels")
     parser.add_argument("--settings", nargs="+", default=["keras", "cpu_kernels", "pipeline"],
                         choices=list(SETTINGS), help="xla takes minutes")
-    parser.add_argument("--profile", action="store_true", help="trace keras and cpu_kernels: where the time goes")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="trace keras and cpu_kernels: where the time goes (on unless --no-profile)")
     parser.add_argument("--xla-ops", action="store_true", help="single layers with and without XLA")
     parser.add_argument("--ceiling", action="store_true",
                         help="the 1x1 convolutions' matrix products alone, against this CPU's matmul rate")
