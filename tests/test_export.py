@@ -188,11 +188,13 @@ def test_the_check_defaults_to_validation_faces_never_the_test_split():
     assert "--check data/balanced/test.npz" not in readme
 
 
-def test_int8_keeps_the_preprocessing_and_head_float_and_every_convolution_int8(workspace, tmp_path):
+def test_int8_keeps_the_preprocessing_stem_and_head_float_and_every_other_convolution_int8(workspace, tmp_path):
+    import keras
     import tensorflow as tf
 
     model = predict.keras_model_from(workspace / "model.keras")
-    assert export.preprocessing_layers(model) == ("resize", "input_scaling")
+    relu = next(layer.name for layer in model.layers if isinstance(layer, keras.layers.ReLU))
+    assert export.float_layers(model) == ("resize", "input_scaling", "block0_conv", "block0_bn", relu)
     train = np.load(workspace / "train.npz")["images"]
     calibration = export.representative_images(train, 100, np.random.default_rng(0))
     interpreter = tf.lite.Interpreter(model_content=export._int8_model(model, calibration, tmp_path / "source"))
@@ -202,7 +204,9 @@ def test_int8_keeps_the_preprocessing_and_head_float_and_every_convolution_int8(
         output_types.setdefault(op["op_name"], set()).update(details[i]["dtype"] for i in op["outputs"])
     assert output_types["RESIZE_BILINEAR"] == {np.float32}
     assert output_types["SOFTMAX"] == {np.float32} and output_types["FULLY_CONNECTED"] == {np.float32}
-    assert output_types["CONV_2D"] == {np.int8}
+    assert output_types["CONV_2D"] == {np.float32, np.int8}
+    convolutions = [op for op in interpreter._get_ops_details() if op["op_name"] == "CONV_2D"]
+    assert [details[op["outputs"][0]]["dtype"] for op in convolutions] == [np.float32, np.int8, np.int8]
     assert not (tmp_path / "source").exists()
 
 
