@@ -83,12 +83,11 @@ def predict_views(model, images: np.ndarray, flip_tta: bool) -> np.ndarray:
     first view is what the saved model answers alone: predict, serve and export give that one.
     """
     views = class_bias.predict_views(model, images, flip_tta)
-    probabilities = class_bias.mean_probabilities(views)
-    if probabilities.shape != (len(images), len(EMOTIONS)):
-        raise EvaluateInputError(f"model output has shape {probabilities.shape}; expected ({len(images)}, "
+    if views.shape[1:] != (len(images), len(EMOTIONS)):
+        raise EvaluateInputError(f"model output has shape {views.shape[1:]}; expected ({len(images)}, "
                                  f"{len(EMOTIONS)}): one probability per emotion in Kaggle order")
     # The tolerance allows a float16 softmax under mixed precision; logits miss it by far.
-    if not np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-2):
+    if not np.allclose(views.sum(axis=-1), 1.0, atol=1e-2):
         raise EvaluateInputError("model output rows do not sum to 1: the model must end in a softmax, not logits")
     return views
 
