@@ -214,14 +214,12 @@ def matmul_ceiling_lines(arguments: argparse.Namespace, step_ms: dict[str, float
     """How much of a cpu_kernels step the 1x1 convolutions' matrix products take, against this CPU's matmul rate."""
     import numpy as np
     import tensorflow as tf
-    from keras import layers
 
-    from dlfer.model import backbones
+    from dlfer.model import backbones, cpu_kernels
 
     model = backbones.build_classifier(arguments.backbone, arguments.size, 1, 0.2)
     shapes = [(arguments.batch_size * layer.input.shape[1] * layer.input.shape[2], layer.input.shape[3], layer.filters)
-              for layer in model._flatten_layers(include_self=False)
-              if type(layer) is layers.Conv2D and tuple(layer.kernel_size) == (1, 1) and tuple(layer.strides) == (1, 1)]
+              for layer in model._flatten_layers(include_self=False) if cpu_kernels.pointwise(layer)]
     generator = np.random.default_rng(0)
     operands = [(tf.constant(generator.random((rows, inner), dtype=np.float32)),
                  tf.constant(generator.random((inner, outer), dtype=np.float32)),

@@ -42,7 +42,7 @@ def install(model: keras.Model) -> dict[str, int]:
         elif isinstance(layer, layers.DepthwiseConv2D) and _plain_depthwise(layer):
             _replace(layer, "call", _depthwise_call)
             counts["depthwise"] += 1
-        elif type(layer) is layers.Conv2D and _pointwise(layer):
+        elif pointwise(layer):
             _replace(layer, "convolution_op", _pointwise_convolution)
             counts["pointwise"] += 1
     return counts
@@ -66,8 +66,9 @@ def _plain_depthwise(layer: layers.DepthwiseConv2D) -> bool:
             and tuple(layer.dilation_rate) == (1, 1) and layer.compute_dtype == "float32")
 
 
-def _pointwise(layer: layers.Conv2D) -> bool:
-    return (layer.data_format == "channels_last" and tuple(layer.kernel_size) == (1, 1)
+def pointwise(layer: layers.Layer) -> bool:
+    """A plain 1x1, stride-1 Conv2D: a layer whose convolution `install` makes a matrix product."""
+    return (type(layer) is layers.Conv2D and layer.data_format == "channels_last" and tuple(layer.kernel_size) == (1, 1)
             and tuple(layer.strides) == (1, 1) and tuple(layer.dilation_rate) == (1, 1) and layer.groups == 1
             and layer.compute_dtype == "float32")
 
