@@ -204,8 +204,11 @@ def int8_against_fer(int8_path: Path, fer_source: str, crops: np.ndarray, labels
         print(f"\nint8 against fer: not run: {fer_model if isinstance(fer_model, str) else f'no {int8_path}'}")
         return
     ours_inputs, fer_inputs = crops.astype(np.float32)[..., np.newaxis], fer_faces(crops)
+    parity = int8_path.parent / "parity.json"
+    mirror = json.loads(parity.read_text()).get("mirror_average", False) if parity.is_file() else False
     print(f"\nint8 TFLite against fer's TFLite, {threads} threads on {processor_name()}, "
-          f"{len(crops)} PrivateTest crops")
+          f"{len(crops)} PrivateTest crops; dlfer's file answers "
+          + ("the mean of each face and its mirror (export.mirror_average)" if mirror else "each face alone"))
     print(f"{'batch':>5}  {'dlfer int8 img/s':>16}  {'fer img/s':>10}  {'ratio':>6}")
     accuracy = {}
     for batch_size in INT8_BATCHES:

@@ -9,8 +9,8 @@ Reads   <model>/model.keras          Keras model: (N,48,48,1) raw pixels 0-255 -
 Writes  <metrics>                   metrics/evaluate_<variant>.json (flat numbers; the same dict goes to MLflow),
                                     with the leak (dlfer.evaluation.leak): test images with a sibling in train, and
                                     accuracy on those with one and on those without; with evaluate.flip_tta also
-                                    test_accuracy_one_view and f1_macro_one_view (the image alone: what predict,
-                                    serve and export answer)
+                                    test_accuracy_one_view and f1_macro_one_view (the image alone: what predict
+                                    and serve answer; exports average the two, see export.mirror_average)
         <reports>/predictions.csv   id, actual, predicted (emotion names), probability_<emotion> x 7,
                                     train_sibling (none | augmented | duplicate | both)
         <reports>/per_class.csv     emotion, precision, recall, f1, support
@@ -80,7 +80,8 @@ def predict_views(model, images: np.ndarray, flip_tta: bool) -> np.ndarray:
 
     Faces are roughly left-right symmetric and training already flips with p=0.5, so the mirror is an
     equally valid view of the same expression. finetune fits its class bias on these same views. The
-    first view is what the saved model answers alone: predict, serve and export give that one.
+    first view is what the saved model answers alone, as predict and serve give it; exports answer the
+    mean of both by default (export.mirror_average, dlfer.model.mirror).
     """
     views = class_bias.predict_views(model, images, flip_tta)
     if views.shape[1:] != (len(images), len(EMOTIONS)):
@@ -93,7 +94,7 @@ def predict_views(model, images: np.ndarray, flip_tta: bool) -> np.ndarray:
 
 
 def one_view_metrics(labels: np.ndarray, views: np.ndarray) -> dict:
-    """Accuracy and macro-F1 of the image alone (no mirror): the model as predict, serve and export run it."""
+    """Accuracy and macro-F1 of the image alone (no mirror): the model as predict and serve run it."""
     if len(views) < 2:
         return {}
     predicted = views[0].argmax(axis=1)

@@ -107,13 +107,20 @@ def test_every_export_agrees_with_keras_on_real_validation_images(workspace):
     for kind in ("saved_model", "tflite_float16", "tflite_int8", "onnx"):
         assert formats[kind]["n_images"] == CHECK_IMAGES
 
-    # Each file is a usable `dlfer predict --model`.
+    # Each file is a usable `dlfer predict --model`, answering (params.yaml's export.mirror_average) the mean of
+    # the Keras model's answers on each face and on its mirror, and so the same for a face and its mirror.
+    assert report["mirror_average"] is True
     images = np.load(workspace / "val.npz")["images"][:16, :, :, None].astype(np.float32)
-    reference = predict.load_classifier(workspace / "model.keras")[0](images)
+    mirrored = np.ascontiguousarray(images[:, :, ::-1])
+    keras_model = predict.load_classifier(workspace / "model.keras")[0]
+    reference = (keras_model(images) + keras_model(mirrored)) / 2
+    assert np.abs(keras_model(images) - keras_model(mirrored)).max() > 0.05  # the mirror is another view
     for kind in ("saved_model", "tflite_float16", "tflite_int8", "onnx"):
         classifier, _ = predict.load_classifier(out / export.FILE_NAMES[kind])
         assert classifier(images).shape == (16, 7)
         assert np.abs(classifier(images) - reference).max() < (0.1 if kind == "tflite_int8" else 1e-2)
+        # int8: each view's activations are calibrated on their own, so the two differ by a little rounding.
+        assert np.abs(classifier(images) - classifier(mirrored)).max() < (1e-2 if kind == "tflite_int8" else 1e-5)
     assert (out / "mlflow_model" / "MLmodel").is_file()
     assert "agreement" in result.stdout and "tflite_int8" in result.stdout
 
@@ -137,6 +144,35 @@ def test_saved_model_of_an_efficientnet_is_deterministic(tmp_path):
     first, second = served.serve(batch).numpy(), served.serve(batch).numpy()
     np.testing.assert_array_equal(first, second)
     np.testing.assert_allclose(first, model.predict(batch, verbose=0), atol=1e-5)
+
+
+def test_no_mirror_exports_answer_the_face_alone_and_a_mirror_averaged_model_exports_either_way(workspace, tmp_path):
+    from dlfer.deploy import serving
+    from dlfer.model import mirror
+
+    images = np.load(workspace / "val.npz")["images"][:16, :, :, None].astype(np.float32)
+    keras_model = predict.load_classifier(workspace / "model.keras")[0]
+    result = run_cli(["export", "--model", workspace / "model.keras", "--out", tmp_path / "alone", "--no-mirror",
+                      "--formats", "tflite_float16,mlflow", "--check", ""])
+    assert result.exit_code == 0, result.output
+    assert "every format answers the face alone" in result.stderr
+    assert json.loads((tmp_path / "alone" / "parity.json").read_text())["mirror_average"] is False
+    alone = predict.load_classifier(tmp_path / "alone" / export.FILE_NAMES["tflite_float16"])[0]
+    assert np.abs(alone(images) - keras_model(images)).max() < 1e-2
+
+    # The mlflow_model of a mirror-averaged export holds a mirror-averaged .keras: exported again with
+    # --no-mirror it gives the face alone, not the mirror twice.
+    averaged = tmp_path / "averaged"
+    assert run_cli(["export", "--model", workspace / "model.keras", "--out", averaged, "--mirror",
+                    "--formats", "mlflow", "--check", ""]).exit_code == 0
+    inner = predict.keras_model_from(averaged / "mlflow_model")
+    assert mirror.unwrapped(inner) is not inner
+    assert serving.load_served_model(averaged / "mlflow_model") is not None
+    again = run_cli(["export", "--model", averaged / "mlflow_model", "--out", tmp_path / "again", "--no-mirror",
+                     "--formats", "tflite_float16", "--check", ""])
+    assert again.exit_code == 0, again.output
+    alone_again = predict.load_classifier(tmp_path / "again" / export.FILE_NAMES["tflite_float16"])[0]
+    assert np.abs(alone_again(images) - alone(images)).max() < 1e-3
 
 
 def test_bad_requests_fail_with_one_clear_line(workspace, tmp_path):
@@ -208,6 +244,18 @@ def test_int8_keeps_the_preprocessing_stem_and_head_float_and_every_other_convol
     convolutions = [op for op in interpreter._get_ops_details() if op["op_name"] == "CONV_2D"]
     assert [details[op["outputs"][0]]["dtype"] for op in convolutions] == [np.float32, np.int8, np.int8]
     assert not (tmp_path / "source").exists()
+
+    # Mirror-averaged: the mirror and the average float too, each view's stem float and the rest int8.
+    averaged = tf.lite.Interpreter(model_content=export._int8_model(model, calibration, tmp_path / "source", True))
+    details = {detail["index"]: detail for detail in averaged.get_tensor_details()}
+    dtypes = {}
+    for op in averaged._get_ops_details():
+        dtypes.setdefault(op["op_name"], []).append(details[op["outputs"][0]]["dtype"])
+    assert dtypes["REVERSE_V2"] == [np.float32]
+    assert sorted(map(str, dtypes["CONV_2D"])) == sorted(map(str, [np.float32, np.int8, np.int8] * 2))
+    assert dtypes["SOFTMAX"] == [np.float32] * 2
+    # int8 from each view's stem to its head only: one QUANTIZE each, so the average of the views is float.
+    assert len(dtypes["QUANTIZE"]) == 2 and all(kind == np.float32 for kind in dtypes["ADD"] + dtypes["MUL"])
 
 
 def test_bias_correction_cancels_the_mean_shift_of_int8_weight_rounding(workspace):

@@ -186,6 +186,7 @@ class RegisterParams:
 @dataclasses.dataclass(frozen=True)
 class ExportParams:
     min_top1_agreement: float
+    mirror_average: bool
 
     def __post_init__(self):
         _require_range("export.min_top1_agreement", self.min_top1_agreement, minimum=0, maximum=1)

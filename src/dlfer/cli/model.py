@@ -112,11 +112,16 @@ def export(
                               "model (not the test split: evaluate alone reads it); '' skips"),
     check_images: int = typer.Option(0, "--check-images", min=0, help="use only the first n check images (0 = all)"),
     seed: int = typer.Option(42, "--seed", help="draws the calibration images"),
+    mirror: bool = typer.Option(None, "--mirror/--no-mirror",
+                                help="answer the mean of each face and its mirror (as evaluate's headline), or the "
+                                "face alone at half the work (default: export.mirror_average)"),
     params_file: Path = typer.Option(Path("params.yaml"), "--params",
-                                     help="export.min_top1_agreement: the least top-1 agreement each format must reach"),
+                                     help="export.min_top1_agreement: the least top-1 agreement each format must "
+                                     "reach; export.mirror_average"),
 ) -> None:
     """Write SavedModel, TFLite float16 and int8, ONNX and an MLflow pyfunc, and check each against Keras.
 
+    With export.mirror_average (or --mirror) every format answers the mean of each face and its mirror.
     The parity report (top-1 agreement with the Keras model, accuracy) goes to <out>/parity.json.
     A format below export.min_top1_agreement (params.yaml) on the check faces fails the export
     (exit 1) and nothing is written.
@@ -134,20 +139,25 @@ def export(
             images, _ = exporting.load_split(calibration)
             calibration_set = exporting.representative_images(images, calibration_images, np.random.default_rng(seed))
         check_set, check_labels, min_agreement = None, None, 0.0
+        if check or mirror is None:
+            export_params = load_params(params_file).export
+            mirror = export_params.mirror_average if mirror is None else mirror
         if check:
-            min_agreement = load_params(params_file).export.min_top1_agreement
+            min_agreement = export_params.min_top1_agreement
             check_set, check_labels = exporting.load_split(Path(check))
             if check_images:
                 check_set = check_set[:check_images]
                 check_labels = None if check_labels is None else check_labels[:check_images]
         report = exporting.export_model(model or None, out, chosen, calibration_set, check_set, check_labels,
-                                        min_agreement)
+                                        min_agreement, mirror_average=mirror)
     except exporting.ParityError as error:
         typer.echo(f"export: {error}", err=True)
         raise typer.Exit(1)
     except ValueError as error:
         typer.echo(f"export: {error}", err=True)
         raise typer.Exit(2)
+    typer.echo("export: every format answers " + ("the mean of each face and its mirror (twice the work per face)"
+               if report["mirror_average"] else "the face alone"), err=True)
     if "keras_accuracy" in report:
         typer.echo(f"keras          accuracy {report['keras_accuracy']:.4f}")
     for kind, entry in report["formats"].items():

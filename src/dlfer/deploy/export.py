@@ -10,7 +10,9 @@ Formats (file names inside the output folder):
   mlflow_model/           MLflow pyfunc taking image bytes or face arrays (dlfer.deploy.serving),
                           for `mlflow models serve -m <out>/mlflow_model --env-manager local`
 Every format takes (N, 48, 48, 1) float32 raw pixels 0-255 and returns (N, 7) probabilities in
-Kaggle label order: the preprocessing inside the Keras model travels with it.
+Kaggle label order: the preprocessing inside the Keras model travels with it. With mirror_average
+(export.mirror_average, the default) each format answers the mean of each face and its mirror
+(dlfer.model.mirror), as evaluate's headline figures do, at twice the work per face.
 
 The SavedModel is traced with training=False explicitly. Keras 3.15's own model.export traces
 `model(x)` without it, and when a Resizing layer precedes a keras.applications EfficientNet (as
@@ -135,15 +137,19 @@ def _tensor_names_of_layers(flatbuffer: bytes, layer_names: tuple[str, ...]) -> 
     The converter names each tensor by the layers' scopes, e.g. 'ef_fer2_1/resize_1/resize/ResizeBilinear'
     (Keras 3 adds '_1' to each scope); a fused op lists each op's scope after ';', and only its first
     (its output) counts: the stem convolution also names the padding before it. A name that matches
-    nothing leaves that layer int8: less accurate, caught by the parity check.
+    nothing leaves that layer int8: less accurate, caught by the parity check. The output op is listed too.
     """
     import tensorflow as tf
 
     if not layer_names:
         return []
     scopes = re.compile(r"(^|/)(" + "|".join(map(re.escape, layer_names)) + r")(_\d+)?/")
-    details = tf.lite.Interpreter(model_content=flatbuffer).get_tensor_details()
-    return sorted({detail["name"] for detail in details if scopes.search(detail["name"].split(";")[0])})
+    interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    # The op that writes the model's output is named after the output (e.g. 'StatefulPartitionedCall_1:0'),
+    # not its layer: it stays float with the named layers (the output is float32 anyway).
+    outputs = {detail["name"] for detail in interpreter.get_output_details()}
+    return sorted({detail["name"] for detail in interpreter.get_tensor_details()
+                   if scopes.search(detail["name"].split(";")[0])} | outputs)
 
 
 def float_layers(model) -> tuple[str, ...]:
@@ -287,9 +293,11 @@ def predict_in_batches(classifier, images: np.ndarray, batch_size: int = 256) ->
 
 def export_model(model_source: str | Path | None, folder: Path, formats: tuple[str, ...] = FORMATS,
                  calibration: np.ndarray | None = None, check_images: np.ndarray | None = None,
-                 check_labels: np.ndarray | None = None, min_top1_agreement: float = 0.0) -> dict:
+                 check_labels: np.ndarray | None = None, min_top1_agreement: float = 0.0,
+                 mirror_average: bool = False) -> dict:
     """Write the chosen formats of a model (path or MLflow URI, as for `dlfer predict --model`) into
-    `folder`, complete or not at all, and return the parity report.
+    `folder`, complete or not at all, and return the parity report. With mirror_average every format
+    is of mirror.mirror_averaged(model), and so is the Keras model it is checked against.
 
     check_images (N, 48, 48) uint8 (validation faces: the test split is evaluate's alone) run through
     the Keras model and every export; the report holds each format's top-1 agreement with Keras,
@@ -298,33 +306,37 @@ def export_model(model_source: str | Path | None, folder: Path, formats: tuple[s
     """
     from dlfer.deploy import predict
     from dlfer.files import atomic_directory, write_json
+    from dlfer.model import mirror
 
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ExportError(f"unknown or no format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
     model = predict.keras_model_from(model_source)
     predict.keras_classifier(model)  # checks the (None, 48, 48, 1) interface before any conversion
-    report: dict = {"model": str(model_source or predict.DEFAULT_MODEL), "formats": {}}
+    model = mirror.unwrapped(model)  # e.g. the mlflow_model of an earlier export: mirror_average decides
+    shipped = mirror.mirror_averaged(model) if mirror_average else model
+    report: dict = {"model": str(model_source or predict.DEFAULT_MODEL), "formats": {},
+                    "mirror_average": mirror_average}
     reference = None
     if check_images is not None:
-        reference = predict_in_batches(predict.keras_classifier(model), check_images)
+        reference = predict_in_batches(predict.keras_classifier(shipped), check_images)
         if check_labels is not None:
             report["keras_accuracy"] = float(np.mean(reference.argmax(axis=1) == check_labels))
     with atomic_directory(folder) as temporary:
         saved_model = temporary / FILE_NAMES["saved_model"]
-        write_saved_model(model, saved_model)
+        write_saved_model(shipped, saved_model)
         for kind in formats:
             target = temporary / FILE_NAMES[kind]
             if kind == "tflite_float16":
                 target.write_bytes(tflite_model(saved_model, "float16"))
             elif kind == "tflite_int8":
-                target.write_bytes(_int8_model(model, calibration, temporary / "int8_source"))
+                target.write_bytes(_int8_model(model, calibration, temporary / "int8_source", mirror_average))
             elif kind == "onnx":
                 write_onnx(saved_model, target)
             elif kind == "mlflow":
                 from dlfer.deploy import serving
 
-                serving.save_pyfunc(model, target)
+                serving.save_pyfunc(shipped, target)
             entry = {"path": str(folder / FILE_NAMES[kind]), "bytes": _size(target)}
             if reference is not None and kind != "mlflow":
                 probabilities = predict_in_batches(classifier_for(kind, target), check_images)
@@ -343,15 +355,23 @@ def export_model(model_source: str | Path | None, folder: Path, formats: tuple[s
     return report
 
 
-def _int8_model(model, calibration: np.ndarray | None, scratch: Path) -> bytes:
-    """The int8 flatbuffer, converted from a bias-corrected copy of the model (see the module docstring)."""
+def _int8_model(model, calibration: np.ndarray | None, scratch: Path, mirror_average: bool = False) -> bytes:
+    """The int8 flatbuffer, converted from a bias-corrected copy of the model (see the module docstring),
+    mirror-averaged if asked: the mirror and the average stay float32 like the preprocessing."""
     import shutil
+
+    from dlfer.model import mirror
 
     if calibration is None or len(calibration) == 0:
         raise ExportError("tflite_int8 needs calibration images: pass --calibration data/balanced/train.npz")
-    write_saved_model(bias_corrected_copy(model, calibration), scratch)
+    corrected = bias_corrected_copy(model, calibration)
+    kept_float = float_layers(model)
+    if mirror_average:
+        corrected = mirror.mirror_averaged(corrected)
+        kept_float += (mirror.MIRROR_LAYER, mirror.AVERAGE_LAYER)
+    write_saved_model(corrected, scratch)
     try:
-        return tflite_model(scratch, "int8", calibration, float_layers=float_layers(model))
+        return tflite_model(scratch, "int8", calibration, float_layers=kept_float)
     finally:
         shutil.rmtree(scratch)
 

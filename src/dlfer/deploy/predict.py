@@ -220,6 +220,7 @@ def onnx_classifier(path: Path) -> Classifier:
 def load_keras_model(path: Path):
     import keras
 
+    import dlfer.model.mirror  # noqa: F401  registers its layer, which a mirror-averaged export holds
     try:
         return keras.models.load_model(path, compile=False)
     except (OSError, ValueError, TypeError) as error:

@@ -90,6 +90,7 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import keras
 
+        import dlfer.model.mirror  # noqa: F401  registers its layer, which a mirror-averaged export holds
         from dlfer.deploy.predict import keras_classifier
 
         self.classify = keras_classifier(keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False))
