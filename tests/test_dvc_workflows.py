@@ -8,8 +8,11 @@ tiny table, so they exercise DVC and MLflow, not training.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -32,10 +35,29 @@ def git(project: Path, *arguments: str, environment: dict) -> None:
 
 
 def command(project: Path, environment: dict, *arguments: str, timeout: int = 600) -> str:
-    result = subprocess.run(list(arguments), cwd=project, env=environment, capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(arguments)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
+    """stdout of a command that must succeed. Its output goes through files, not pipes: `dvc exp run --run-all`
+    spawns its queue workers from a process that keeps our stdout and stderr open as long as a worker lives,
+    and a celery worker sometimes hangs in its own shutdown after the queue is done (treeverse/dvc#10398), so a
+    pipe would wait for that rather than for the command."""
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        finished = subprocess.run(list(arguments), cwd=project, env=environment, stdout=stdout, stderr=stderr,
+                                  text=True, timeout=timeout)
+        stdout.seek(0), stderr.seek(0)
+        out, err = stdout.read(), stderr.read()
+    assert finished.returncode == 0, f"{' '.join(arguments)}:\n{out[-3000:]}\n{err[-3000:]}"
+    return out
+
+
+def stop_queue_workers(project: Path) -> None:
+    """Kill the DVC queue workers still alive after a test (see command): their status files under
+    .dvc/tmp/exps/celery have no return code yet. A hung celery worker ignores SIGTERM."""
+    for status in (project / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.json"):
+        worker = json.loads(status.read_text())
+        if worker.get("returncode") is None and worker.get("pid"):
+            try:
+                os.kill(worker["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.fixture
@@ -62,7 +84,8 @@ def repository(tmp_path):
     shutil.copy2(PROJECT / ".dvcignore", project / ".dvcignore")
     git(project, "add", "-A", environment=environment)
     git(project, "commit", "-qm", "pipeline", environment=environment)
-    return project, environment
+    yield project, environment
+    stop_queue_workers(project)
 
 
 def test_queued_experiments_run_two_at_once_and_log_to_the_main_store(repository):
