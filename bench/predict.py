@@ -197,6 +197,12 @@ def tflite_rate(flatbuffer: bytes, inputs: np.ndarray, batch_size: int, threads:
     return count / (time.perf_counter() - started), np.concatenate(outputs)
 
 
+def exported_with_mirror(exports: Path) -> bool:
+    """Whether `dlfer export` wrote exports answering the mean of each face and its mirror (its parity.json)."""
+    parity = exports / "parity.json"
+    return json.loads(parity.read_text()).get("mirror_average", False) if parity.is_file() else False
+
+
 def int8_against_fer(int8_path: Path, fer_source: str, crops: np.ndarray, labels: np.ndarray, threads: int) -> None:
     """dlfer's int8 TFLite and fer's TFLite, side by side: img/s at each batch size, ratio, accuracy."""
     fer_model = fer_tflite_bytes(fer_source)
@@ -204,8 +210,7 @@ def int8_against_fer(int8_path: Path, fer_source: str, crops: np.ndarray, labels
         print(f"\nint8 against fer: not run: {fer_model if isinstance(fer_model, str) else f'no {int8_path}'}")
         return
     ours_inputs, fer_inputs = crops.astype(np.float32)[..., np.newaxis], fer_faces(crops)
-    parity = int8_path.parent / "parity.json"
-    mirror = json.loads(parity.read_text()).get("mirror_average", False) if parity.is_file() else False
+    mirror = exported_with_mirror(int8_path.parent)
     print(f"\nint8 TFLite against fer's TFLite, {threads} threads on {processor_name()}, "
           f"{len(crops)} PrivateTest crops; dlfer's file answers "
           + ("the mean of each face and its mirror (export.mirror_average)" if mirror else "each face alone"))
@@ -263,8 +268,9 @@ def main() -> None:
                 ("saved_model", "tflite_float16", "tflite_int8", "onnx")
                 if (arguments.exports / FILE_NAMES[kind]).exists()]
     reference = None
+    mirror = exported_with_mirror(arguments.exports)  # the Keras row answers as the exports do
     for kind, source in sources:
-        classifier, _ = predict.load_classifier(source)
+        classifier, _ = predict.load_classifier(source, mirror if kind == "keras" else None)
         seconds, probabilities = time_classifier(classifier, crops, arguments.batch_size)
         predicted = probabilities.argmax(axis=1)
         reference = predicted if reference is None else reference

@@ -69,7 +69,7 @@ def test_card_reports_each_figure_from_the_files(pipeline):
     assert f"| test accuracy | {accuracy} |" in card
     assert f"{100 * best['f1_macro_ci95_low']:.2f}-{100 * best['f1_macro_ci95_high']:.2f}%" in card
     assert f"{100 * best['paper_eq1_accuracy']:.2f}%" in card  # shown, and explained as not the accuracy
-    assert "what predict and serve answer, and exports with --no-mirror) | 62.77% / 59.44% |" in card
+    assert "what predict, serve and exports answer with --no-mirror) | 62.77% / 59.44% |" in card
 
     per_class = card.split("## Per-class results")[1].split("##")[0]
     assert all(f"| {emotion} |" in per_class for emotion in EMOTIONS)

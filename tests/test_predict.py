@@ -133,9 +133,16 @@ def test_folder_of_photos_gives_faces_where_they_are_and_reports_bad_files(photo
         assert record["emotion"] == EMOTIONS[int(np.argmax(probabilities))]
 
 
-def test_no_detect_on_fer2013_crops_gives_the_models_own_probabilities(tmp_path, model_file, classifier):
+def keras_answers(model_file, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The model's own probabilities for each crop and for its mirror, straight from Keras."""
     import keras
 
+    model = keras.models.load_model(model_file)
+    batch = np.stack(crops)[..., None].astype(np.float32)
+    return model.predict(batch, verbose=0), model.predict(batch[:, :, ::-1], verbose=0)
+
+
+def test_no_detect_on_fer2013_crops_gives_the_mean_of_each_face_and_its_mirror(tmp_path, model_file, classifier):
     crops = fer2013_crops(10, emotions=EMOTIONS)
     for index, crop in enumerate(crops):
         save(tmp_path / f"crop_{index}.png", crop)  # PNG: lossless, so the pixels are FER2013's own
@@ -144,16 +151,63 @@ def test_no_detect_on_fer2013_crops_gives_the_models_own_probabilities(tmp_path,
     assert outcome.problems == []
     assert all((record["x"], record["y"], record["width"], record["height"]) == (0, 0, 48, 48)
                for record in outcome.records)
-    expected = keras.models.load_model(model_file).predict(np.stack(crops)[..., None].astype(np.float32), verbose=0)
+    face, mirror = keras_answers(model_file, crops)
     got = np.array([[record[f"probability_{emotion}"] for emotion in EMOTIONS] for record in outcome.records])
-    np.testing.assert_allclose(got, expected, atol=2e-6)
+    np.testing.assert_allclose(got, (face + mirror) / 2, atol=2e-6)
+    assert np.abs(face - mirror).max() > 1e-3  # the toy model is not symmetric: the mean is not the face alone
+
+
+def test_no_mirror_gives_the_face_alone_from_a_plain_or_a_mirror_averaged_model(tmp_path, model_file):
+    from dlfer.model import mirror
+
+    crops = fer2013_crops(6, emotions=EMOTIONS)
+    face, reflected = keras_answers(model_file, crops)
+    batch = np.stack(crops)[..., None].astype(np.float32)
+    averaged_file = tmp_path / "averaged.keras"  # as an export's mlflow_model holds it
+    mirror.mirror_averaged(toy_model()).save(averaged_file)
+    for source in (model_file, averaged_file):
+        alone, description = predict.load_classifier(source, mirror=False)
+        np.testing.assert_allclose(alone(batch), face, atol=2e-6)
+        assert "each face alone" in description
+        both, description = predict.load_classifier(source, mirror=True)
+        np.testing.assert_allclose(both(batch), (face + reflected) / 2, atol=2e-6)  # never mirrored twice
+        assert "its mirror" in description
+    crop_files = [save(tmp_path / f"crop_{index}.png", crop) for index, crop in enumerate(crops)]
+    both = (face + reflected) / 2
+    for option, expected in (("--no-mirror", face), ("--mirror", both), (None, both)):
+        out = tmp_path / f"{option}.csv"
+        result = run_cli(["predict", *crop_files, "--no-detect", "-m", model_file, "-f", "csv", "-o", out,
+                          *([option] if option else [])])
+        assert result.exit_code == 0, result.output
+        with out.open() as handle:
+            got = np.array([[float(row[f"probability_{emotion}"]) for emotion in EMOTIONS]
+                            for row in csv.DictReader(handle)])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_an_export_answers_as_exported_and_refuses_a_mirror_option(tmp_path):
+    tflite = tmp_path / "model_int8.tflite"
+    tflite.write_bytes(b"not read: the option is refused first")
+    face = save(tmp_path / "face.png", fer2013_crops(1)[0])
+    for option in ("--mirror", "--no-mirror"):
+        result = run_cli(["predict", face, "--no-detect", "-m", tflite, option])
+        assert result.exit_code == 2
+        assert (f"predict: {tflite}: an export answers as it was exported (mirror_average in its parity.json); "
+                f"drop {option}, or export again with it") in result.stderr
 
 
 def test_batch_size_changes_nothing_but_speed(photos, classifier):
     inputs, _ = predict.collect_inputs([photos[0]])
     one = predict.predict_inputs(inputs, classifier, batch_size=1, progress=False)
     many = predict.predict_inputs(inputs, classifier, batch_size=64, progress=False)
-    assert one.records == many.records and one.problems == many.problems
+    assert one.problems == many.problems and len(one.records) == len(many.records) > 0
+    columns = [f"probability_{emotion}" for emotion in EMOTIONS]
+    for alone, batched in zip(one.records, many.records):
+        # Kernels for other batch sizes may round the last float bit differently: the 6th decimal can move.
+        assert {key: value for key, value in alone.items() if key not in columns} == \
+            {key: value for key, value in batched.items() if key not in columns}
+        np.testing.assert_allclose([alone[column] for column in columns], [batched[column] for column in columns],
+                                   atol=2e-6)
 
 
 def write_video(path, frames, fps=10.0):

@@ -84,7 +84,7 @@ def test_pyfunc_takes_photo_bytes_base64_and_face_crops(served_model, astronaut_
     assert (first["x"], first["width"], first["face"]) == (0, 48, 1) and astronaut["face"] == 1
 
     # Crops sent as bytes (PNG, lossless) and as arrays get exactly the Keras model's probabilities.
-    expected = predict.load_classifier(keras_file)[0](crops[..., None].astype(np.float32))
+    expected = predict.load_classifier(keras_file, mirror=False)[0](crops[..., None].astype(np.float32))
     from_bytes = answer.iloc[2:4][serving.PROBABILITY_COLUMNS].to_numpy()
     np.testing.assert_allclose(from_bytes, expected[:2], atol=1e-6)
     from_arrays = model.predict(crops)
@@ -103,6 +103,19 @@ def test_pyfunc_refuses_arrays_of_the_wrong_shape(served_model):
     with pytest.raises(MlflowException, match=r"face arrays must be \(N,48,48\)") as raised:
         model.predict(np.zeros((2, 64, 64), dtype=np.float32))
     assert raised.value.get_http_status_code() == 400
+
+
+def test_served_model_answers_the_mean_with_the_mirror_unless_told_the_face_alone(served_model):
+    folder, keras_file = served_model
+    crops = fer2013_crops(4)
+    batch = crops[..., None].astype(np.float32)
+    face = predict.load_classifier(keras_file, mirror=False)[0](batch)
+    reflected = predict.load_classifier(keras_file, mirror=False)[0](batch[:, :, ::-1])
+    assert np.abs(face - reflected).max() > 1e-3  # the toy model is not symmetric
+    for source, mirror_average, expected in ((keras_file, True, (face + reflected) / 2), (keras_file, False, face),
+                                             (folder, True, (face + reflected) / 2)):
+        answer = serving.load_served_model(source, mirror_average).predict(crops)
+        np.testing.assert_allclose(answer[serving.PROBABILITY_COLUMNS].to_numpy(), expected, atol=1e-6)
 
 
 def post(url: str, payload: dict) -> tuple[int, dict]:
@@ -235,6 +248,7 @@ def test_dlfer_serve_is_ready_when_it_says_so_and_prints_the_request_format(dlfe
     assert status == 200 and answer["predictions"][0]["face"] == 1
     text = log.read_text()
     assert f"web page   {base}/" in text and '"dataframe_split"' in text and "base64 -w0 photo.jpg" in text
+    assert "(the mean of each face and its mirror) loaded and warmed up" in text
     # Nothing alarming on a CPU machine: no TensorFlow log lines, no MLflow warnings.
     assert "cuInit" not in text and "WARNING" not in text and "Warning" not in text, text
 

@@ -14,6 +14,8 @@ OUTPUT_FORMATS = ("table", "jsonl", "csv")
 MODEL_HELP = ("model: a .keras file or its folder (default models/finetune/with_ef_fer1/model.keras), "
               "models:/<name>@<alias> or runs:/<id>/<path> from the MLflow store, or an export (.tflite, .onnx, "
               "SavedModel folder)")
+MIRROR_HELP = ("a Keras model answers the mean of each face and its mirror (default: what evaluate's headline "
+               "measures), or with --no-mirror the face alone at half the work")
 
 
 def predict(
@@ -32,6 +34,8 @@ def predict(
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
     summary: Path = typer.Option(None, "--summary", help="folder for each video's summary: <video>.csv (the share "
                                  "of each emotion per second) and <video>.png (its plot)"),
+    mirror: bool = typer.Option(None, "--mirror/--no-mirror", help=MIRROR_HELP + "; an export answers as it was "
+                                "exported"),
 ) -> None:
     """Find the faces in photos and videos and print each face's emotion and 7 probabilities.
 
@@ -49,7 +53,7 @@ def predict(
         raise typer.BadParameter(f"{output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}", param_hint="--format")
     inputs, problems = prediction.collect_inputs(paths)
     try:
-        classifier, description = prediction.load_classifier(model or None) if inputs else (None, "")
+        classifier, description = prediction.load_classifier(model or None, mirror) if inputs else (None, "")
     except ValueError as error:
         typer.echo(f"predict: {error}", err=True)
         raise typer.Exit(2)
@@ -174,6 +178,7 @@ def serve(
     model: str = typer.Option("", "--model", "-m", help=MODEL_HELP.split(", or an export")[0]),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on; 0.0.0.0 lets other machines in"),
     port: int = typer.Option(5001, "--port", "-p", min=0, help="0 picks a free port"),
+    mirror: bool = typer.Option(True, "--mirror/--no-mirror", help=MIRROR_HELP),
 ) -> None:
     """Serve the model over HTTP: MLflow's POST /invocations, and a web page at / to try photos and the webcam.
 
@@ -189,7 +194,7 @@ def serve(
         from dlfer.deploy import serving
 
     try:
-        loaded = serving.load_served_model(model or None)
+        loaded = serving.load_served_model(model or None, mirror)
     except ValueError as error:
         typer.echo(f"serve: {error}", err=True)
         raise typer.Exit(2)
@@ -199,7 +204,9 @@ def serve(
         photo = (f"{{ printf '{{\"dataframe_split\": {{\"columns\": [\"image\"], \"data\": [[\"'; "
                  f"base64 -w0 photo.jpg; printf '\"]]}}}}'; }} | curl -s {url}/invocations "
                  "-H 'Content-Type: application/json' --data-binary @-")
-        typer.echo(f"serve: model {model or 'models/finetune/with_ef_fer1'} loaded and warmed up; ready at {url}\n"
+        views = "the mean of each face and its mirror" if mirror else "each face alone"
+        typer.echo(f"serve: model {model or 'models/finetune/with_ef_fer1'} ({views}) loaded and warmed up; "
+                   f"ready at {url}\n"
                    f"  web page   {url}/  (upload a photo or use the webcam)\n"
                    f"  a photo    {photo}\n"
                    f"  face crops {{\"instances\": [<48x48 pixels 0-255>, ...]}} or a crop file as a photo with "

@@ -314,7 +314,7 @@ def export_model(model_source: str | Path | None, folder: Path, formats: tuple[s
     model = predict.keras_model_from(model_source)
     predict.keras_classifier(model)  # checks the (None, 48, 48, 1) interface before any conversion
     model = mirror.unwrapped(model)  # e.g. the mlflow_model of an earlier export: mirror_average decides
-    shipped = mirror.mirror_averaged(model) if mirror_average else model
+    shipped = mirror.answering(model, mirror_average)
     report: dict = {"model": str(model_source or predict.DEFAULT_MODEL), "formats": {},
                     "mirror_average": mirror_average}
     reference = None

@@ -276,18 +276,32 @@ def keras_model_from(source: str | Path | None = None):
     raise PredictInputError(f"{path}: folder holds {what}; pass the model file itself")
 
 
-def load_classifier(source: str | Path | None = None) -> tuple[Classifier, str]:
+def load_classifier(source: str | Path | None = None, mirror: bool | None = None) -> tuple[Classifier, str]:
     """A classifier and a description of what was loaded: a Keras model (see keras_model_from), or an
-    export of `dlfer export` (a .tflite or .onnx file, a SavedModel folder)."""
+    export of `dlfer export` (a .tflite or .onnx file, a SavedModel folder).
+
+    A Keras model answers the mean of each face and its mirror (what evaluate's headline measures), or
+    with mirror=False the face alone. An export answers as it was exported (its parity.json says how),
+    so an explicit mirror is refused for one.
+    """
     path = resolve_model_source(source)
     suffix = path.suffix.lower()
-    if path.is_file() and suffix == ".tflite":
+    export = ("TFLite" if path.is_file() and suffix == ".tflite" else "ONNX" if path.is_file() and suffix == ".onnx"
+              else "SavedModel" if path.is_dir() and (path / "saved_model.pb").is_file() else None)
+    if export is not None and mirror is not None:
+        raise PredictInputError(f"{path}: an export answers as it was exported (mirror_average in its parity.json); "
+                                f"drop --{'' if mirror else 'no-'}mirror, or export again with it")
+    if export == "TFLite":
         return tflite_classifier(path), f"TFLite {path}"
-    if path.is_file() and suffix == ".onnx":
+    if export == "ONNX":
         return onnx_classifier(path), f"ONNX {path}"
-    if path.is_dir() and (path / "saved_model.pb").is_file():
+    if export == "SavedModel":
         return saved_model_classifier(path), f"SavedModel {path}"
-    return keras_classifier(keras_model_from(path)), f"Keras model {path}"
+    from dlfer.model.mirror import answering
+
+    mirror_average = mirror is not False
+    views = "the mean of each face and its mirror" if mirror_average else "each face alone"
+    return keras_classifier(answering(keras_model_from(path), mirror_average)), f"Keras model {path} ({views})"
 
 
 def classify_crops(classifier: Classifier, crops: list[np.ndarray]) -> np.ndarray:

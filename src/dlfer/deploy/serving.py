@@ -88,12 +88,9 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
     """Face detection plus the Keras classifier; see the module docstring for inputs and outputs."""
 
     def load_context(self, context):
-        import keras
+        from dlfer.deploy.predict import keras_classifier, load_keras_model
 
-        import dlfer.model.mirror  # noqa: F401  registers its layer, which a mirror-averaged export holds
-        from dlfer.deploy.predict import keras_classifier
-
-        self.classify = keras_classifier(keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False))
+        self.classify = keras_classifier(load_keras_model(context.artifacts[KERAS_ARTIFACT]))
         self.detector = faces.load_detector()
 
     def _classify(self, crops: np.ndarray) -> np.ndarray:
@@ -188,21 +185,22 @@ def save_pyfunc(model, folder: Path) -> None:
 
 # ---------------------------------------------------------------- dlfer serve
 
-def load_served_model(source: str | Path | None):
+def load_served_model(source: str | Path | None, mirror_average: bool = True):
     """The pyfunc (a PyFuncModel) of a finetune model: a .keras file, a folder holding one, an MLflow
-    model folder, or models:/<name>@<alias> / runs:/<id>/<path> from the MLflow store."""
+    model folder, or models:/<name>@<alias> / runs:/<id>/<path> from the MLflow store. It answers the
+    mean of each face and its mirror (what evaluate's headline measures), or with mirror_average=False
+    the face alone, whichever the source model does."""
     import logging
     import os
     import warnings
 
-    from dlfer.deploy.predict import keras_model_from, resolve_model_source
+    from dlfer.deploy.predict import keras_model_from
+    from dlfer.model.mirror import answering
 
     # Nothing alarming for the user to read: MLflow's progress bar, its warning about pickling the
     # PythonModel (ours, written just now) and its advice to add type hints.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    path = resolve_model_source(source)
-    keras_files = [path] if path.is_file() else sorted(path.rglob("*.keras"))
-    model = keras_files[0] if len(keras_files) == 1 else keras_model_from(path)
+    model = answering(keras_model_from(source), mirror_average)
     mlflow_logger = logging.getLogger("mlflow")
     level = mlflow_logger.level
     mlflow_logger.setLevel(logging.ERROR)

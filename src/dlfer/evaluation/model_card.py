@@ -253,8 +253,8 @@ def _metrics(facts: dict, protocol: str) -> str:
     rows = [
         ["test accuracy", with_interval(evaluate, "test_accuracy", "test_accuracy_ci95_low", "test_accuracy_ci95_high")],
         ["test macro-F1", with_interval(evaluate, "f1_macro", "f1_macro_ci95_low", "f1_macro_ci95_high")],
-        *([["test accuracy / macro-F1, one view (the face alone, without its mirror: what predict and serve "
-            "answer, and exports with --no-mirror)", f"{percent(evaluate['test_accuracy_one_view'])} / "
+        *([["test accuracy / macro-F1, one view (the face alone, without its mirror: what predict, serve and "
+            "exports answer with --no-mirror)", f"{percent(evaluate['test_accuracy_one_view'])} / "
                               f"{percent(evaluate.get('f1_macro_one_view'))}"]]
           if "test_accuracy_one_view" in evaluate else []),
         ["test macro precision / recall", f"{percent(evaluate.get('precision_macro'))} / "

@@ -282,8 +282,8 @@ def render_report(runs: dict, references: dict) -> str:
              "train minutes and images/s are this machine's (see each run's training.json for the processor). kernels: "
              "what trained on the CPU, Keras' layers or dlfer's faster kernels for them (finetune.cpu_kernels: the "
              "same function; floating-point rounding then takes two runs apart). test acc and macro-F1 average each "
-             "face with its mirror (evaluate.flip_tta); one view: the face alone, what predict and serve answer "
-             "(exports answer the mean by default: export.mirror_average) (n/a: a run from before evaluate recorded it).", "",
+             "face with its mirror (evaluate.flip_tta); one view: the face alone, what predict, serve and "
+             "export answer with --no-mirror (the mean by default: export.mirror_average) (n/a: a run from before evaluate recorded it).", "",
              "## Runs", "", *runs_table(runs), "",
              *ablation_lines(runs, claims), *leak_lines(runs, claims), *peers_lines(references)]
     processors = sorted({run["training"].get("processor", MISSING) for run in runs.values()})

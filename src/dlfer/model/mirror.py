@@ -35,6 +35,13 @@ def mirror_averaged(model: keras.Model) -> keras.Model:
     return keras.Model(pixels, average, name=f"{model.name}_mirror_averaged")
 
 
+def answering(model: keras.Model, mirror_average: bool) -> keras.Model:
+    """model answering the mean of each face and its mirror (mirror_average) or the face alone, whether
+    model is mirror-averaged already (e.g. the .keras of an export's mlflow_model) or not: never twice."""
+    inner = unwrapped(model)
+    return mirror_averaged(inner) if mirror_average else inner
+
+
 def unwrapped(model: keras.Model) -> keras.Model:
     """The model inside a mirror_averaged model; any other model as it is."""
     if any(isinstance(layer, HorizontalMirror) for layer in model.layers):
