@@ -15,7 +15,8 @@ CPU path before issue 15, measured in this one run, so a noisy machine shifts al
 - cpu_kernels: dlfer.model.cpu_kernels (finetune.cpu_kernels: auto on a CPU, the default).
 - pipeline: cpu_kernels fed by the finetune stage's input pipeline (dlfer.model.train.make_dataset) instead
   of one batch held in memory; its ratio to cpu_kernels is what feeding costs.
-- no_determinism, inter_op_1, onednn_off, bfloat16: cpu_kernels with one runtime option changed.
+- no_determinism, inter_op_1, intra_op_1, inter_op_4, onednn_off, bfloat16: cpu_kernels with one runtime
+  option changed (TensorFlow's defaults on 2 cores are 2 intra-op and 2 inter-op threads).
 - xla: Keras' layers under jit_compile (slow: minutes; --xla-ops says why).
 
 The profile (on unless --no-profile) traces a few steps of keras and of cpu_kernels with TensorFlow's
@@ -50,6 +51,8 @@ SETTINGS = {
     "pipeline": ({}, {"feed": "pipeline"}),
     "no_determinism": ({}, {"determinism": False}),
     "inter_op_1": ({}, {"inter_op": 1}),
+    "intra_op_1": ({}, {"intra_op": 1}),
+    "inter_op_4": ({}, {"inter_op": 4}),
     "onednn_off": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, {}),
     "bfloat16": ({}, {"precision": "mixed_bfloat16"}),
     "xla": ({}, {"kernels": "keras", "jit_compile": True}),
@@ -87,6 +90,8 @@ def measure(options: dict, arguments: argparse.Namespace, trace: str | None) -> 
 
     if options.get("inter_op"):
         tf.config.threading.set_inter_op_parallelism_threads(options["inter_op"])
+    if options.get("intra_op"):
+        tf.config.threading.set_intra_op_parallelism_threads(options["intra_op"])
     if options.get("determinism", True):
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(options.get("precision", "float32"))
