@@ -134,6 +134,7 @@ class FinetuneParams:
     mixed_precision: str
     jit_compile: str
     cpu_kernels: str
+    cpu_math: str
     distribution: str
     online_flip: float
     online_shift: float
@@ -154,6 +155,7 @@ class FinetuneParams:
         _require_choice("finetune.class_bias", self.class_bias, ("none", "val_macro_f1"))
         for key in ("mixed_precision", "jit_compile", "cpu_kernels"):
             _require_choice(f"finetune.{key}", getattr(self, key), ("auto", "on", "off"))
+        _require_choice("finetune.cpu_math", self.cpu_math, ("fp32", "bf16"))
         _require_choice("finetune.distribution", self.distribution, ("auto", "none", "mirrored", "ray"))
         _require_range("finetune.ray_workers", self.ray_workers, minimum=1)
         _require_range("finetune.ray_cpus_per_worker", self.ray_cpus_per_worker, minimum=0, above=True)

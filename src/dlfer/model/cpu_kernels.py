@@ -15,6 +15,13 @@ these kernels:
   kernels larger than 3x3 uses padding="EXPLICIT", which keeps TensorFlow's own kernel.
 - Conv2D with a 1x1 kernel and stride 1: a matrix product of the (pixels, channels) matrix with the kernel.
 
+With bf16_products (finetune.cpu_math: bf16) oneDNN may round the float32 inputs of its matrix products and
+convolutions to bfloat16 and accumulate in float32 (its "fpmath mode"), which CPUs with AMX or AVX512-BF16 run
+several times faster; the 1x1 products then go through oneDNN's matmul primitive, the one that honours the mode
+(tf.matmul of two matrices calls oneDNN's sgemm, which does not). Storage, batch norm, activations and the
+optimizer stay float32. It changes rounding, not the function; on CPUs without bfloat16 units oneDNN computes
+float32 as before. `python bench/train_throughput.py` measures both.
+
 Each computes what the Keras layer computes, up to float32 rounding (tests/test_cpu_kernels.py holds the
 gradients of a whole network against a float64 reference). The layers stay the Keras classes with their own
 variables: only the instance's `call` (or `convolution_op`) is replaced, so a saved .keras file, a checkpoint
@@ -25,6 +32,7 @@ renorm, synchronized or masked batch norm, mixed precision) keep Keras' code.
 
 from __future__ import annotations
 
+import os
 import types
 
 import keras
@@ -32,9 +40,22 @@ import tensorflow as tf
 from keras import layers
 
 
-def install(model: keras.Model) -> dict[str, int]:
-    """Give every eligible layer of `model` (nested models included) its faster kernel; how many of each."""
+def allow_bf16_products() -> None:
+    """Let oneDNN compute this process's float32 products in bfloat16 (float32 sums), where the CPU can.
+
+    oneDNN reads the mode once, when it creates its first primitive: call this before any TensorFlow op
+    runs (train.configure_runtime does). Other processes (evaluate, predict, export) keep float32.
+    """
+    os.environ["ONEDNN_DEFAULT_FPMATH_MODE"] = "BF16"
+
+
+def install(model: keras.Model, bf16_products: bool = False) -> dict[str, int]:
+    """Give every eligible layer of `model` (nested models included) its faster kernel; how many of each.
+
+    bf16_products: 1x1 convolutions through oneDNN's matmul primitive (see allow_bf16_products).
+    """
     counts = {"batch_norm": 0, "depthwise": 0, "pointwise": 0}
+    product = _pointwise_matmul_primitive if bf16_products else _pointwise_convolution
     for layer in model._flatten_layers(include_self=False):
         if isinstance(layer, layers.BatchNormalization) and _fusable(layer):
             _replace(layer, "call", _fused_batch_norm_call)
@@ -43,7 +64,7 @@ def install(model: keras.Model) -> dict[str, int]:
             _replace(layer, "call", _depthwise_call)
             counts["depthwise"] += 1
         elif pointwise(layer):
-            _replace(layer, "convolution_op", _pointwise_convolution)
+            _replace(layer, "convolution_op", product)
             counts["pointwise"] += 1
     return counts
 
@@ -126,4 +147,12 @@ def _pointwise_convolution(self, inputs, kernel):
     shape = tf.shape(inputs)
     pixels = tf.reshape(inputs, (-1, inputs.shape[-1]))
     outputs = tf.matmul(pixels, tf.reshape(kernel, kernel.shape[-2:]))
+    return tf.reshape(outputs, tf.concat([shape[:-1], [kernel.shape[-1]]], axis=0))
+
+
+def _pointwise_matmul_primitive(self, inputs, kernel):
+    # A batch of one matrix product: TensorFlow runs it on oneDNN's matmul primitive, not on sgemm.
+    shape = tf.shape(inputs)
+    pixels = tf.reshape(inputs, (1, -1, inputs.shape[-1]))
+    outputs = tf.linalg.matmul(pixels, tf.reshape(kernel, (1, *kernel.shape[-2:])))
     return tf.reshape(outputs, tf.concat([shape[:-1], [kernel.shape[-1]]], axis=0))

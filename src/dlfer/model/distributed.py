@@ -208,7 +208,7 @@ def fit_multi_worker(build_model: Callable[[], keras.Model], train_split: tuple[
     with strategy.scope():
         model = build_model()
         if runtime["cpu_kernels"]:
-            cpu_kernels.install(model)
+            cpu_kernels.install(model, bf16_products=runtime.get("cpu_math") == "bf16")
         train.compile_model(model, settings, steps_per_epoch)
         model.optimizer.build(model.trainable_variables)  # its variables too must be made under the scope
         state = train.restore_state(model, checkpoint_dir)
