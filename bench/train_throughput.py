@@ -1,7 +1,7 @@
 """Training images/s of EF-FER2 on this machine: Keras' kernels (before issue 15), dlfer's CPU kernels, other options.
 
     python bench/train_throughput.py [--size 64] [--batch-size 64] [--backbone efficientnet_lite0]
-                                     [--settings keras cpu_kernels pipeline ...] [--rounds 3] [--steps 8]
+                                     [--settings keras cpu_kernels cpu_bf16 pipeline ...] [--rounds 3] [--steps 8]
                                      [--no-profile] [--xla-ops] [--ceiling] [--train data/balanced/train.npz]
 
 Each setting trains in its own process (oneDNN and TensorFlow's thread pools are fixed when it starts), as
@@ -9,10 +9,14 @@ the finetune stage trains on CPU: model.fit on real FER2013 faces (48x48 grey, r
 Adam with a cosine schedule, label smoothing, determinism on. Steps are timed inside one fit from the end
 of two warm-up steps to the last step's end (fit's own start and end are not training). The processes
 alternate over --rounds rounds; the table gives each one's median images/s and its ratio to "keras", the
-CPU path before issue 15, measured in this one run, so a noisy machine shifts all rows alike.
+CPU path before issue 15, measured in this one run, so a noisy machine shifts all rows alike; "per round" is
+the median of each round's ratio (runs seconds apart), steadier where the machine's speed drifts.
 
 - keras: Keras' layers as they are (finetune.cpu_kernels: off).
-- cpu_kernels: dlfer.model.cpu_kernels (finetune.cpu_kernels: auto on a CPU, the default).
+- cpu_kernels: dlfer.model.cpu_kernels (finetune.cpu_kernels: auto on a CPU) with float32 products
+  (finetune.cpu_math: fp32).
+- cpu_bf16: the same with bfloat16 products where oneDNN computes them (finetune.cpu_math: bf16, the default):
+  faster only on CPUs with AMX or AVX512-BF16; elsewhere oneDNN computes float32 as cpu_kernels does.
 - pipeline: cpu_kernels fed by the finetune stage's input pipeline (dlfer.model.train.make_dataset) instead
   of one batch held in memory; its ratio to cpu_kernels is what feeding costs.
 - no_determinism, inter_op_1, intra_op_1, inter_op_4, onednn_off, bfloat16: cpu_kernels with one runtime
@@ -48,6 +52,7 @@ WARMUP_STEPS = 2
 SETTINGS = {
     "keras": ({}, {"kernels": "keras"}),
     "cpu_kernels": ({}, {}),
+    "cpu_bf16": ({}, {"math": "bf16"}),
     "pipeline": ({}, {"feed": "pipeline"}),
     "no_determinism": ({}, {"determinism": False}),
     "inter_op_1": ({}, {"inter_op": 1}),
@@ -88,6 +93,9 @@ def measure(options: dict, arguments: argparse.Namespace, trace: str | None) -> 
     from dlfer.fer2013 import EMOTIONS
     from dlfer.model import backbones, cpu_kernels, train
 
+    bf16_products = options.get("math") == "bf16"
+    if bf16_products:
+        cpu_kernels.allow_bf16_products()  # before TensorFlow's first op
     if options.get("inter_op"):
         tf.config.threading.set_inter_op_parallelism_threads(options["inter_op"])
     if options.get("intra_op"):
@@ -100,7 +108,7 @@ def measure(options: dict, arguments: argparse.Namespace, trace: str | None) -> 
     images, labels, _ = load_faces(arguments.train, (steps + WARMUP_STEPS) * batch_size)
     model = backbones.build_classifier(arguments.backbone, arguments.size, 1, 0.2)
     if options.get("kernels", "dlfer") == "dlfer":
-        cpu_kernels.install(model)
+        cpu_kernels.install(model, bf16_products=bf16_products)
     settings = train.TrainingSettings(epochs=1, batch_size=batch_size, learning_rate=2e-3, seed=0,
                                       lr_schedule="cosine", label_smoothing=0.1)
     train.compile_model(model, settings, steps_per_epoch=1000, jit_compile=options.get("jit_compile", False))
@@ -264,7 +272,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--train", type=Path, default=None, help="npz with images (N,48,48) uint8 and labels")
-    parser.add_argument("--settings", nargs="+", default=["keras", "cpu_kernels", "pipeline"],
+    parser.add_argument("--settings", nargs="+", default=["keras", "cpu_kernels", "cpu_bf16", "pipeline"],
                         choices=list(SETTINGS), help="xla takes minutes")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                         help="trace keras and cpu_kernels: where the time goes (on unless --no-profile)")
@@ -289,12 +297,17 @@ def main() -> None:
         for name in names:
             rates[name].append(run_setting(name, arguments))
     base = statistics.median(rates["keras"])
-    print(f"{'setting':<16} {'img/s':>8} {'vs keras':>9}")
+    # A machine whose speed drifts slows whole rounds: each round's ratio to keras, from runs seconds apart, is
+    # steadier than the ratio of medians; both are printed.
+    print(f"{'setting':<16} {'img/s':>8} {'vs keras':>9} {'per round':>10}   img/s by round")
     for name in names:
         rate = statistics.median(rates[name])
-        print(f"{name:<16} {rate:>8.1f} {rate / base:>8.2f}x", flush=True)
+        paired = statistics.median(mine / keras for mine, keras in zip(rates[name], rates["keras"]))
+        print(f"{name:<16} {rate:>8.1f} {rate / base:>8.2f}x {paired:>9.2f}x   "
+              f"{' '.join(f'{value:.0f}' for value in rates[name])}", flush=True)
     if arguments.profile:
-        print("\n".join(profile_table(arguments, ["keras", "cpu_kernels"])), flush=True)
+        traced = [name for name in ("keras", "cpu_kernels", "cpu_bf16") if name in names]
+        print("\n".join(profile_table(arguments, traced)), flush=True)
     if arguments.ceiling and {"keras", "cpu_kernels"} <= set(names):
         step_ms = {name: arguments.batch_size / statistics.median(rates[name]) * 1000 for name in names}
         print("\n".join(matmul_ceiling_lines(arguments, step_ms)), flush=True)

@@ -5,6 +5,7 @@ statistics); a whole Lite0 network's gradients are held against a float64 refere
 itself is off by its rounding; and a model trained with them saves as plain Keras.
 """
 
+import os
 import subprocess
 import sys
 
@@ -17,14 +18,14 @@ from keras import layers
 from dlfer.model import backbones, cpu_kernels, train
 
 
-def _two_copies(make_layer, input_shape):
+def _two_copies(make_layer, input_shape, bf16_products=False):
     """The same one-layer model twice, with equal weights; the second one with dlfer's kernels."""
     models = []
     for _ in range(2):
         inputs = keras.Input(shape=input_shape)
         models.append(keras.Model(inputs, make_layer()(inputs)))
     models[1].set_weights(models[0].get_weights())
-    counts = cpu_kernels.install(models[1])
+    counts = cpu_kernels.install(models[1], bf16_products=bf16_products)
     assert sum(counts.values()) == 1, counts
     return models
 
@@ -39,20 +40,22 @@ def _outputs_and_gradients(model, inputs, weights_of_outputs):
     return [outputs.numpy(), *(gradient.numpy() for gradient in gradients)]
 
 
-@pytest.mark.parametrize("make_layer, spatial", [
-    (lambda: layers.DepthwiseConv2D(3, padding="same", use_bias=False), 9),
-    (lambda: layers.DepthwiseConv2D(5, padding="same", use_bias=False), 6),
-    (lambda: layers.DepthwiseConv2D(3, strides=2, padding="valid", use_bias=False), 9),
-    (lambda: layers.DepthwiseConv2D(5, strides=2, padding="valid", use_bias=False), 10),
-    (lambda: layers.Conv2D(12, 1, padding="same", use_bias=False), 5),
-    (lambda: layers.Conv2D(12, 1, padding="same", use_bias=True), 5),
-    (lambda: layers.BatchNormalization(momentum=0.9, epsilon=1e-3), 5),
+@pytest.mark.parametrize("make_layer, spatial, bf16_products", [
+    (lambda: layers.DepthwiseConv2D(3, padding="same", use_bias=False), 9, False),
+    (lambda: layers.DepthwiseConv2D(5, padding="same", use_bias=False), 6, False),
+    (lambda: layers.DepthwiseConv2D(3, strides=2, padding="valid", use_bias=False), 9, False),
+    (lambda: layers.DepthwiseConv2D(5, strides=2, padding="valid", use_bias=False), 10, False),
+    (lambda: layers.Conv2D(12, 1, padding="same", use_bias=False), 5, False),
+    (lambda: layers.Conv2D(12, 1, padding="same", use_bias=True), 5, False),
+    # The form bf16 products take (oneDNN's matmul primitive), here in float32: this process never allows bf16.
+    (lambda: layers.Conv2D(12, 1, padding="same", use_bias=True), 5, True),
+    (lambda: layers.BatchNormalization(momentum=0.9, epsilon=1e-3), 5, False),
 ], ids=["depthwise3-same", "depthwise5-same", "depthwise3-stride2", "depthwise5-stride2", "pointwise",
-        "pointwise-bias", "batch-norm"])
-def test_each_kernel_gives_the_keras_layers_outputs_and_gradients(make_layer, spatial):
+        "pointwise-bias", "pointwise-matmul-primitive", "batch-norm"])
+def test_each_kernel_gives_the_keras_layers_outputs_and_gradients(make_layer, spatial, bf16_products):
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
-    keras_model, fast_model = _two_copies(make_layer, (spatial, spatial, 8))
+    keras_model, fast_model = _two_copies(make_layer, (spatial, spatial, 8), bf16_products)
     weights = [np.abs(rng.normal(1.0, 0.3, weight.shape)).astype("float32") for weight in keras_model.get_weights()]
     for model in (keras_model, fast_model):  # non-trivial batch-norm weights and statistics
         model.set_weights(weights)
@@ -154,3 +157,45 @@ def test_the_runtime_uses_them_on_a_cpu_unless_switched_off(setting, expected):
                                       distribution="none")
     _, runtime = train.configure_runtime(settings)
     assert runtime["cpu_kernels"] is expected
+
+
+@pytest.mark.parametrize("math, kernels, expected", [("bf16", "on", "bf16"), ("fp32", "on", "fp32"),
+                                                      ("bf16", "off", "fp32")])
+def test_bf16_math_is_allowed_only_with_the_cpu_kernels(monkeypatch, math, kernels, expected):
+    monkeypatch.delenv("ONEDNN_DEFAULT_FPMATH_MODE", raising=False)  # restored after: later subprocesses keep theirs
+    settings = train.TrainingSettings(epochs=1, batch_size=4, learning_rate=1e-3, seed=0, cpu_kernels=kernels,
+                                      cpu_math=math, distribution="none")
+    _, runtime = train.configure_runtime(settings)
+    assert runtime["cpu_math"] == expected
+    assert os.environ.get("ONEDNN_DEFAULT_FPMATH_MODE") == ("BF16" if expected == "bf16" else None)
+
+
+# One training step of a small Lite0 in a fresh process, as the finetune stage trains it; oneDNN's verbose log
+# names each primitive it runs, with the fpmath attribute it was created with.
+_ONE_STEP = """
+import sys, keras, numpy as np
+from dlfer.model import backbones, train
+settings = train.TrainingSettings(epochs=1, batch_size=8, learning_rate=1e-3, seed=0, cpu_math=sys.argv[1],
+                                  distribution="none")
+strategy, runtime = train.configure_runtime(settings)
+rng = np.random.default_rng(0)
+images = rng.integers(0, 256, (8, 48, 48, 1)).astype("uint8")
+labels = rng.integers(0, 7, 8)
+train.fit_classifier(lambda: backbones.build_classifier("efficientnet_lite0", 32, 1, 0.2), (images, labels),
+                     (images, labels), settings, sys.argv[2], 7, runtime=(strategy, runtime))
+"""
+
+
+@pytest.mark.parametrize("math", ["bf16", "fp32"])
+def test_a_training_process_creates_its_onednn_products_with_the_chosen_math(tmp_path, math):
+    environment = {**os.environ, "ONEDNN_VERBOSE": "1"}
+    environment.pop("ONEDNN_DEFAULT_FPMATH_MODE", None)
+    result = subprocess.run([sys.executable, "-c", _ONE_STEP, math, str(tmp_path / "checkpoints")],
+                            capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    products = [line for line in result.stdout.splitlines() if ",primitive,exec," in line and ",matmul," in line]
+    if math == "bf16":
+        # The 1x1 convolutions run on oneDNN's matmul primitive, each created in bf16 mode.
+        assert products and all("attr-fpmath:bf16" in line for line in products), products[:3]
+    else:
+        assert not [line for line in result.stdout.splitlines() if "attr-fpmath:bf16" in line]

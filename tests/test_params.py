@@ -133,6 +133,11 @@ def test_an_unknown_key_a_missing_key_and_a_wrong_type_each_stop_at_load(tmp_pat
         load_with(tmp_path, "finetune.epochs", "ten")
 
 
+def test_a_cpu_math_other_than_fp32_or_bf16_stops_at_load(tmp_path):
+    with pytest.raises(ParamsError, match=r"finetune.cpu_math is 'fp16'; choose one of 'fp32', 'bf16'"):
+        load_with(tmp_path, "finetune.cpu_math", "fp16")
+
+
 def test_training_settings_take_every_value_from_params_or_the_stage():
     from dlfer.model.train import TrainingSettings
 

@@ -170,8 +170,10 @@ def _kernels(run: dict, variant: str) -> str:
     runtime = run["training"].get(variant, {}).get("runtime")
     if runtime is None:
         return MISSING
-    # Runs saved before finetune.cpu_kernels existed trained with Keras' own kernels.
-    return "dlfer" if runtime.get("cpu_kernels") else "Keras"
+    # Runs saved before finetune.cpu_kernels existed trained with Keras' own kernels, before cpu_math in float32.
+    if not runtime.get("cpu_kernels"):
+        return "Keras"
+    return "dlfer, bf16 products" if runtime.get("cpu_math") == "bf16" else "dlfer"
 
 
 def _epochs(finetune: dict) -> str:
@@ -281,7 +283,8 @@ def render_report(runs: dict, references: dict) -> str:
              "(official: PublicTest); test: read once, by evaluate (official: PrivateTest). Accuracies in percent; "
              "train minutes and images/s are this machine's (see each run's training.json for the processor). kernels: "
              "what trained on the CPU, Keras' layers or dlfer's faster kernels for them (finetune.cpu_kernels: the "
-             "same function; floating-point rounding then takes two runs apart). test acc and macro-F1 average each "
+             "same function; floating-point rounding then takes two runs apart), with bfloat16 products where "
+             "finetune.cpu_math was bf16. test acc and macro-F1 average each "
              "face with its mirror (evaluate.flip_tta); one view: the face alone, what predict, serve and "
              "export answer with --no-mirror (the mean by default: export.mirror_average) (n/a: a run from before evaluate recorded it).", "",
              "## Runs", "", *runs_table(runs), "",

@@ -17,7 +17,7 @@ these kernels:
 
 With bf16_products (finetune.cpu_math: bf16) oneDNN may round the float32 inputs of its matrix products and
 convolutions to bfloat16 and accumulate in float32 (its "fpmath mode"), which CPUs with AMX or AVX512-BF16 run
-several times faster; the 1x1 products then go through oneDNN's matmul primitive, the one that honours the mode
+faster; the 1x1 products then go through oneDNN's matmul primitive, the one that honours the mode
 (tf.matmul of two matrices calls oneDNN's sgemm, which does not). Storage, batch norm, activations and the
 optimizer stay float32. It changes rounding, not the function; on CPUs without bfloat16 units oneDNN computes
 float32 as before. `python bench/train_throughput.py` measures both.
