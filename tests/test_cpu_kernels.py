@@ -199,3 +199,47 @@ def test_a_training_process_creates_its_onednn_products_with_the_chosen_math(tmp
         assert products and all("attr-fpmath:bf16" in line for line in products), products[:3]
     else:
         assert not [line for line in result.stdout.splitlines() if "attr-fpmath:bf16" in line]
+
+
+def test_the_fused_adam_update_gives_keras_adams_weights_and_moments():
+    # Fixed gradients over several steps (bias correction changes with each) under a cosine schedule.
+    rng = np.random.default_rng(0)
+    shapes = [(3, 3, 1, 8), (8,), (16, 7)]
+    gradients = [[rng.normal(size=shape).astype("float32") for shape in shapes] for _ in range(4)]
+    results = []
+    for fused in (False, True):
+        variables = [keras.Variable(np.linspace(-1, 1, np.prod(shape), dtype="float32").reshape(shape))
+                     for shape in shapes]
+        optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(2e-3, decay_steps=4), beta_1=0.9)
+        optimizer.build(variables)
+        if fused:
+            assert cpu_kernels.install_optimizer(optimizer)
+        step = tf.function(lambda grads: optimizer.apply(grads, variables))  # this iteration's, used at once
+        for grads in gradients:
+            step([tf.constant(gradient) for gradient in grads])
+        results.append([variable.numpy() for variable in (*variables, *optimizer.variables)])
+    for keras_value, fused_value in zip(*results):
+        np.testing.assert_allclose(fused_value, keras_value, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(results[1][0], np.linspace(-1, 1, 72).reshape(shapes[0]))  # the weights moved
+
+
+def test_a_cpu_training_step_updates_every_weight_through_the_fused_adam(monkeypatch, tmp_path):
+    fused_updates = []
+    apply_adam = tf.raw_ops.ResourceApplyAdam
+    monkeypatch.setattr(tf.raw_ops, "ResourceApplyAdam",
+                        lambda **arguments: fused_updates.append(1) or apply_adam(**arguments))
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (8, 48, 48, 1)).astype("uint8"), rng.integers(0, 7, 8)
+    settings = train.TrainingSettings(epochs=1, batch_size=8, learning_rate=1e-3, seed=0, distribution="none")
+    result = train.fit_classifier(lambda: backbones.build_classifier("efficientnet_lite0", 32, 1, 0.2),
+                                  (images, labels), (images, labels), settings, tmp_path, 7)
+    optimizer = result.model.optimizer
+    assert type(optimizer) is keras.optimizers.Adam  # saved and restored as Keras' own
+    # Each trainable variable's update went through the fused kernel (in each trace of the training step).
+    assert fused_updates and len(fused_updates) % len(result.model.trainable_variables) == 0
+
+
+def test_the_fused_adam_update_is_only_for_plain_adam():
+    assert not cpu_kernels.install_optimizer(keras.optimizers.SGD(1e-3))
+    assert not cpu_kernels.install_optimizer(keras.optimizers.Adam(1e-3, amsgrad=True))
+    assert not cpu_kernels.install_optimizer(keras.optimizers.AdamW(1e-3))
