@@ -53,7 +53,6 @@ SETTINGS = {
     "keras": ({}, {"kernels": "keras"}),
     "cpu_kernels": ({}, {}),
     "cpu_bf16": ({}, {"math": "bf16"}),
-    "keras_adam": ({}, {"math": "bf16", "fused_adam": False}),  # cpu_bf16 with Keras' own Adam update
     "pipeline": ({}, {"feed": "pipeline"}),
     "no_determinism": ({}, {"determinism": False}),
     "inter_op_1": ({}, {"inter_op": 1}),
@@ -113,8 +112,6 @@ def measure(options: dict, arguments: argparse.Namespace, trace: str | None) -> 
     settings = train.TrainingSettings(epochs=1, batch_size=batch_size, learning_rate=2e-3, seed=0,
                                       lr_schedule="cosine", label_smoothing=0.1)
     train.compile_model(model, settings, steps_per_epoch=1000, jit_compile=options.get("jit_compile", False))
-    if options.get("kernels", "dlfer") == "dlfer" and options.get("fused_adam", True):
-        cpu_kernels.install_optimizer(model.optimizer)
     if options.get("feed") == "pipeline":
         dataset = train.make_dataset(images[..., 0].astype("uint8"), labels, batch_size, len(EMOTIONS),
                                      shuffle_seed=0).repeat()

@@ -22,10 +22,6 @@ faster; the 1x1 products then go through oneDNN's matmul primitive, the one that
 optimizer stay float32. It changes rounding, not the function; on CPUs without bfloat16 units oneDNN computes
 float32 as before. `python bench/train_throughput.py` measures both.
 
-`install_optimizer` gives a compiled model's Adam TensorFlow's fused kernel for its update of each variable
-(ResourceApplyAdam: one pass over the variable and its two moments, where Keras' update runs about ten
-elementwise ops and assignments, each a pass over memory); the formula is Keras' own.
-
 Each computes what the Keras layer computes, up to float32 rounding (tests/test_cpu_kernels.py holds the
 gradients of a whole network against a float64 reference). The layers stay the Keras classes with their own
 variables: only the instance's `call` (or `convolution_op`) is replaced, so a saved .keras file, a checkpoint
@@ -71,32 +67,6 @@ def install(model: keras.Model, bf16_products: bool = False) -> dict[str, int]:
             _replace(layer, "convolution_op", product)
             counts["pointwise"] += 1
     return counts
-
-
-def install_optimizer(optimizer: keras.optimizers.Optimizer) -> bool:
-    """Adam's per-variable update through TensorFlow's fused kernel; False (Keras' code kept) for other optimizers.
-
-    Keras' Adam and ResourceApplyAdam compute the same update: alpha = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t),
-    m += (g - m)(1 - beta_1), v += (g^2 - v)(1 - beta_2), w -= alpha m / (sqrt(v) + epsilon). The optimizer keeps
-    its variables and its config, so checkpoints and saved models are Keras' own.
-    """
-    if type(optimizer) is not keras.optimizers.Adam or optimizer.amsgrad:
-        return False
-    _replace(optimizer, "update_step", _fused_adam_update_step)
-    return True
-
-
-def _fused_adam_update_step(self, gradient, variable, learning_rate):
-    if isinstance(gradient, tf.IndexedSlices) or variable.dtype != "float32":
-        return type(self).update_step(self, gradient, variable, learning_rate)
-    index = self._get_variable_index(variable)
-    step = tf.cast(self.iterations + 1, tf.float32)
-    beta_1, beta_2 = tf.cast(self.beta_1, tf.float32), tf.cast(self.beta_2, tf.float32)
-    tf.raw_ops.ResourceApplyAdam(
-        var=variable.handle, m=self._momentums[index].handle, v=self._velocities[index].handle,
-        beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step),
-        lr=tf.cast(learning_rate, tf.float32), beta1=beta_1, beta2=beta_2,
-        epsilon=tf.cast(self.epsilon, tf.float32), grad=tf.cast(gradient, tf.float32))
 
 
 def _replace(layer: layers.Layer, name: str, function) -> None:

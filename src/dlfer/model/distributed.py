@@ -210,8 +210,6 @@ def fit_multi_worker(build_model: Callable[[], keras.Model], train_split: tuple[
         if runtime["cpu_kernels"]:
             cpu_kernels.install(model, bf16_products=runtime.get("cpu_math") == "bf16")
         train.compile_model(model, settings, steps_per_epoch)
-        if runtime["cpu_kernels"]:
-            cpu_kernels.install_optimizer(model.optimizer)
         model.optimizer.build(model.trainable_variables)  # its variables too must be made under the scope
         state = train.restore_state(model, checkpoint_dir)
     class_weights = (train.balanced_class_weights(labels, num_classes) if settings.class_weights == "balanced"

@@ -338,8 +338,6 @@ def fit_classifier(build_model: Callable[[], keras.Model], train: tuple[np.ndarr
             if runtime["cpu_kernels"]:
                 cpu_kernels.install(model, bf16_products=runtime.get("cpu_math") == "bf16")
             compile_model(model, settings, steps_per_epoch, jit_compile=runtime["jit_compile"])
-            if runtime["cpu_kernels"]:
-                cpu_kernels.install_optimizer(model.optimizer)
             state = restore_state(model, checkpoint_dir)
         progress = Progress(checkpoint_dir, settings, len(train_images), log_to_mlflow, state,
                              plateau=plateau_callback(settings), backup=True)
