@@ -32,6 +32,7 @@ renorm, synchronized or masked batch norm, mixed precision) keep Keras' code.
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 
@@ -55,7 +56,7 @@ def install(model: keras.Model, bf16_products: bool = False) -> dict[str, int]:
     bf16_products: 1x1 convolutions through oneDNN's matmul primitive (see allow_bf16_products).
     """
     counts = {"batch_norm": 0, "depthwise": 0, "pointwise": 0}
-    product = _pointwise_matmul_primitive if bf16_products else _pointwise_convolution
+    product = functools.partial(_pointwise_convolution, batch_of_one=bf16_products)
     for layer in model._flatten_layers(include_self=False):
         if isinstance(layer, layers.BatchNormalization) and _fusable(layer):
             _replace(layer, "call", _fused_batch_norm_call)
@@ -143,16 +144,10 @@ def _depthwise_convolution(inputs, kernel, size: int, stride: int, pad: int):
     return convolve(inputs, kernel)
 
 
-def _pointwise_convolution(self, inputs, kernel):
+def _pointwise_convolution(self, inputs, kernel, batch_of_one: bool = False):
+    # batch_of_one: TensorFlow runs a batch of one matrix product on oneDNN's matmul primitive, not on sgemm.
+    lead = (1,) if batch_of_one else ()
     shape = tf.shape(inputs)
-    pixels = tf.reshape(inputs, (-1, inputs.shape[-1]))
-    outputs = tf.matmul(pixels, tf.reshape(kernel, kernel.shape[-2:]))
-    return tf.reshape(outputs, tf.concat([shape[:-1], [kernel.shape[-1]]], axis=0))
-
-
-def _pointwise_matmul_primitive(self, inputs, kernel):
-    # A batch of one matrix product: TensorFlow runs it on oneDNN's matmul primitive, not on sgemm.
-    shape = tf.shape(inputs)
-    pixels = tf.reshape(inputs, (1, -1, inputs.shape[-1]))
-    outputs = tf.linalg.matmul(pixels, tf.reshape(kernel, (1, *kernel.shape[-2:])))
+    pixels = tf.reshape(inputs, (*lead, -1, inputs.shape[-1]))
+    outputs = tf.matmul(pixels, tf.reshape(kernel, (*lead, *kernel.shape[-2:])))
     return tf.reshape(outputs, tf.concat([shape[:-1], [kernel.shape[-1]]], axis=0))
