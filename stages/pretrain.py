@@ -68,8 +68,9 @@ def load_source_domain(path: Path) -> dict[str, np.ndarray]:
 # size, it trains every epoch it is given, on the device TensorFlow picks (mixed precision and XLA
 # where a GPU makes them pay, dlfer's CPU kernels on a CPU, as finetune's "auto").
 FIXED_TRAINING_SETTINGS = {"class_weights": "none", "early_stopping_patience": 0, "mixed_precision": "auto",
-                           "jit_compile": "auto", "cpu_kernels": "auto", "cpu_math": "fp32", "distribution": "auto", "online_flip": 0.0, "online_shift": 0.0,
-                           "online_rotation": 0.0, "online_zoom": 0.0}
+                           "jit_compile": "auto", "cpu_kernels": "auto", "cpu_math": "fp32", "distribution": "auto",
+                           "online_flip": 0.0, "online_shift": 0.0, "online_rotation": 0.0, "online_zoom": 0.0,
+                           "weight_decay": 0.0}
 
 
 def train_from_scratch(domain: dict, params, checkpoints: Path):

@@ -59,6 +59,7 @@ OUT_OF_RANGE = [
     ("finetune.beta_1", 1.0, ">= 0 and < 1"),
     ("finetune.label_smoothing", -0.1, ">= 0 and < 1"),
     ("finetune.label_smoothing", 1.0, ">= 0 and < 1"),
+    ("finetune.weight_decay", -0.01, ">= 0 and < 1"),
     ("finetune.early_stopping_patience", -1, ">= 0"),
     ("finetune.dropout", 1.0, ">= 0 and < 1"),
     ("evaluate.bootstrap_samples", 0, ">= 1"),

@@ -228,6 +228,24 @@ def test_learning_rate_schedules_and_sgd(tmp_path, schedule):
         assert rates[0] <= 1e-6 and all(later < earlier for earlier, later in zip(rates, rates[1:]))
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_weight_decay_shrinks_kernels_by_rate_times_decay_and_leaves_biases_and_batch_norm_alone(optimizer):
+    # A zero gradient moves nothing in Adam or SGD, so whatever changes is the decay alone.
+    model = toy_classifier()
+    rng = np.random.default_rng(0)
+    for variable in model.trainable_variables:  # no zero bias or unit scale that any factor would keep
+        variable.assign(rng.uniform(0.5, 1.5, variable.shape).astype("float32"))
+    before = {variable.path: np.array(variable) for variable in model.trainable_variables}
+    rate, decay = 0.01, 0.5
+    step = train._optimizer(settings(optimizer=optimizer, learning_rate=rate, weight_decay=decay), steps_per_epoch=6)
+    step.apply_gradients([(keras.ops.zeros_like(variable), variable) for variable in model.trainable_variables])
+    for variable in model.trainable_variables:
+        kept = variable.name in train.NOT_DECAYED
+        expected = before[variable.path] * (1 if kept else 1 - rate * decay)
+        np.testing.assert_allclose(np.array(variable), expected, rtol=1e-6, err_msg=variable.path)
+    assert {variable.name for variable in model.trainable_variables} == {"kernel", "bias", "gamma", "beta"}
+
+
 def test_checkpoints_are_keyed_so_a_params_change_starts_fresh(tmp_path):
     first = train.keyed_checkpoint_dir(tmp_path, {"finetune": {"learning_rate": 0.001}})
     first.mkdir()

@@ -124,6 +124,7 @@ class FinetuneParams:
     beta_1: float
     loss: str
     label_smoothing: float
+    weight_decay: float
     lr_schedule: str
     class_weights: str
     early_stopping_patience: int
@@ -156,6 +157,7 @@ class FinetuneParams:
         for key in ("mixed_precision", "jit_compile", "cpu_kernels"):
             _require_choice(f"finetune.{key}", getattr(self, key), ("auto", "on", "off"))
         _require_choice("finetune.cpu_math", self.cpu_math, ("fp32", "bf16"))
+        _require_range("finetune.weight_decay", self.weight_decay, minimum=0, maximum=1, below=True)
         _require_choice("finetune.distribution", self.distribution, ("auto", "none", "mirrored", "ray"))
         _require_range("finetune.ray_workers", self.ray_workers, minimum=1)
         _require_range("finetune.ray_cpus_per_worker", self.ray_cpus_per_worker, minimum=0, above=True)

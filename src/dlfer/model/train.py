@@ -36,6 +36,8 @@ PLATEAU_PATIENCE = 2
 HISTORY_COLUMNS = ("epoch", "accuracy", "val_accuracy", "loss", "val_loss", "learning_rate", "images")
 # The checkpoint folder: the state of the last finished epoch, and the MLflow run a killed stage leaves.
 PROGRESS_FILE = "progress.json"
+# Variable names weight decay leaves alone: dense and convolution biases, batch norm's gamma and beta.
+NOT_DECAYED = ("bias", "gamma", "beta")
 RUN_RECORD = "mlflow_run.json"
 
 
@@ -51,6 +53,7 @@ class TrainingSettings:
     beta_1: float = 0.9
     loss: str = "categorical_crossentropy"
     label_smoothing: float = 0.0
+    weight_decay: float = 0.0           # decoupled (AdamW's); never on biases or batch-norm scales and shifts
     lr_schedule: str = "constant"       # constant | cosine | plateau
     class_weights: str = "none"         # none | balanced
     early_stopping_patience: int = 0    # 0 = never stop early
@@ -380,12 +383,18 @@ def _optimizer(settings: TrainingSettings, steps_per_epoch: int) -> keras.optimi
     if settings.lr_schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(settings.learning_rate,
                                                                decay_steps=settings.epochs * steps_per_epoch)
+    # Keras decouples weight decay from the gradient (AdamW): w -= learning_rate * weight_decay * w each step.
+    weight_decay = settings.weight_decay or None
     if settings.optimizer == "adam":
         # The paper's "momentum coefficient of 0.99" with Adam can only mean beta_1.
-        return keras.optimizers.Adam(learning_rate=learning_rate, beta_1=settings.beta_1)
-    if settings.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=settings.beta_1)
-    raise ValueError(f"optimizer {settings.optimizer!r}: choose adam or sgd")
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate, beta_1=settings.beta_1, weight_decay=weight_decay)
+    elif settings.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=settings.beta_1, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer {settings.optimizer!r}: choose adam or sgd")
+    # Shrinking a bias or a batch norm's scale and shift regularises nothing (the usual exclusions).
+    optimizer.exclude_from_weight_decay(var_names=NOT_DECAYED)
+    return optimizer
 
 
 def _loss(settings: TrainingSettings) -> keras.losses.Loss:
