@@ -32,8 +32,6 @@ import importlib.util
 import io
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -45,6 +43,7 @@ import numpy as np
 
 from dlfer.deploy import faces, predict
 from dlfer.deploy.export import FILE_NAMES
+from dlfer.evaluation.results import processor_name
 from dlfer.fer2013 import EMOTIONS, LABEL_OF_EMOTION
 
 FER2013_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fer2013" / "fer2013.zip"
@@ -137,15 +136,6 @@ def run_fer(fer_python: str, crops: np.ndarray, photos: np.ndarray) -> dict | st
         if finished.returncode != 0:
             return "failed: " + " | ".join(finished.stderr.strip().splitlines()[-3:])
         return json.loads((scratch / "out.json").read_text())
-
-
-def processor_name() -> str:
-    """The CPU model as lscpu prints it (from /proc/cpuinfo), or what the platform module knows."""
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-    except OSError:
-        match = None
-    return match.group(1).strip() if match else (platform.processor() or platform.machine())
 
 
 def fer_tflite_bytes(source: str) -> bytes | str:

@@ -16,7 +16,7 @@ the median of each round's ratio (runs seconds apart), steadier where the machin
 - cpu_kernels: dlfer.model.cpu_kernels (finetune.cpu_kernels: auto on a CPU) with float32 products
   (finetune.cpu_math: fp32).
 - cpu_bf16: the same with bfloat16 products where oneDNN computes them (finetune.cpu_math: bf16, the default):
-  faster only on CPUs with AMX or AVX512-BF16; elsewhere oneDNN computes float32 as cpu_kernels does.
+  faster only on CPUs with AMX; elsewhere (AMD Zen 4's AVX512-BF16 too) oneDNN keeps the float32 kernels.
 - pipeline: cpu_kernels fed by the finetune stage's input pipeline (dlfer.model.train.make_dataset) instead
   of one batch held in memory; its ratio to cpu_kernels is what feeding costs.
 - no_determinism, inter_op_1, intra_op_1, inter_op_4, onednn_off, bfloat16: cpu_kernels with one runtime

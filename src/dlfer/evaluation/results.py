@@ -41,19 +41,27 @@ def params_diff(current: dict, baseline: dict) -> dict:
     return {key: value for key, value in sorted(now.items()) if before.get(key, object()) != value}
 
 
-def processor_name() -> str:
-    """The processor's model name and its widest vector unit (training speed differs ~2.5x between them)."""
+def processor_name(cpuinfo: str | None = None) -> str:
+    """The processor's model name, its widest vector unit and AMX where it has it (training speed differs ~2.5x
+    between vector units; oneDNN computes finetune.cpu_math: bf16 in bfloat16 only on AMX, see cpu_kernels).
+
+    cpuinfo: the text of /proc/cpuinfo (read when None).
+    """
     name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
-    return f"{name} ({vector})" if vector else name
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    units = ["AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None,
+             "AMX" if "amx_bf16" in flags else None]
+    units = [unit for unit in units if unit]
+    return f"{name} ({', '.join(units)})" if units else name
 
 
 def _baseline_params(workspace: Path) -> dict:

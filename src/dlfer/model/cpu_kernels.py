@@ -16,11 +16,14 @@ these kernels:
 - Conv2D with a 1x1 kernel and stride 1: a matrix product of the (pixels, channels) matrix with the kernel.
 
 With bf16_products (finetune.cpu_math: bf16) oneDNN may round the float32 inputs of its matrix products and
-convolutions to bfloat16 and accumulate in float32 (its "fpmath mode"), which CPUs with AMX or AVX512-BF16 run
-faster; the 1x1 products then go through oneDNN's matmul primitive, the one that honours the mode
-(tf.matmul of two matrices calls oneDNN's sgemm, which does not). Storage, batch norm, activations and the
-optimizer stay float32. It changes rounding, not the function; on CPUs without bfloat16 units oneDNN computes
-float32 as before. `python bench/train_throughput.py` measures both.
+convolutions to bfloat16 and accumulate in float32 (its "fpmath mode"), which CPUs with AMX run faster (oneDNN's
+verbose log: brg_matmul:avx10_1_512_amx on a Sapphire Rapids Xeon); the 1x1 products then go through oneDNN's
+matmul primitive, the one that honours the mode (tf.matmul of two matrices calls oneDNN's sgemm, which does
+not). Storage, batch norm, activations and the optimizer stay float32. It changes rounding, not the function.
+On CPUs without AMX oneDNN keeps its float32 kernels under the mode, AVX512-BF16 ones included: on an AMD EPYC
+(Zen 4) every matmul, convolution and batch-norm primitive of a training step ran an avx512_core
+implementation, and the batch-of-one product form cost the same as the two-matrix one.
+`python bench/train_throughput.py` measures both.
 
 Each computes what the Keras layer computes, up to float32 rounding (tests/test_cpu_kernels.py holds the
 gradients of a whole network against a float64 reference). The layers stay the Keras classes with their own

@@ -287,8 +287,9 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
                                                    and not custom_loop)
     # The same function, faster on CPUs; a GPU keeps Keras' kernels (cuDNN's are fast there).
     use_cpu_kernels = settings.cpu_kernels == "on" or (settings.cpu_kernels == "auto" and not gpus)
-    # bfloat16 products (float32 sums) where oneDNN computes them: CPUs with AMX or AVX512-BF16 run them faster
-    # (bench/train_throughput.py), others compute float32 as before. Set here, before oneDNN's first primitive.
+    # bfloat16 products (float32 sums) where oneDNN computes them: on CPUs with AMX, faster (bench/train_throughput.py);
+    # elsewhere, AVX512-BF16 without AMX (AMD Zen 4) included, oneDNN keeps its float32 kernels. Set here, before
+    # oneDNN's first primitive.
     bf16_products = use_cpu_kernels and settings.cpu_math == "bf16"
     if bf16_products:
         cpu_kernels.allow_bf16_products()
