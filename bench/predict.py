@@ -43,7 +43,7 @@ import numpy as np
 
 from dlfer.deploy import faces, predict
 from dlfer.deploy.export import FILE_NAMES
-from dlfer.evaluation.results import processor_name
+from dlfer.machine import processor_name
 from dlfer.fer2013 import EMOTIONS, LABEL_OF_EMOTION
 
 FER2013_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fer2013" / "fer2013.zip"

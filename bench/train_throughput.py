@@ -286,7 +286,7 @@ def main() -> None:
         rate = measure(SETTINGS[arguments.measure][1], arguments, arguments.trace)
         print(json.dumps({"images_per_second": rate}))
         return
-    from dlfer.evaluation.results import processor_name
+    from dlfer.machine import processor_name
 
     names = ["keras", *[name for name in arguments.settings if name != "keras"]]
     print(f"processor: {processor_name()}, {len(os.sched_getaffinity(0))} cores; {arguments.backbone} at "

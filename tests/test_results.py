@@ -106,13 +106,3 @@ def test_saving_an_unfinished_run_fails_in_one_line_and_keeps_the_saved_one(save
     assert "Traceback" not in finished.stderr
     assert (saved / "lite0_cpu" / "metrics" / "evaluate_with_ef_fer1.json").read_text() == before
 
-
-@pytest.mark.parametrize("flags, shown", [
-    ("fpu sse2 avx2 fma", "AMD EPYC (AVX2)"),
-    ("fpu avx2 avx512f avx512_bf16", "AMD EPYC (AVX-512)"),  # Zen 4: AVX512-BF16 but no AMX
-    ("fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "AMD EPYC (AVX-512, AMX)"),
-    ("fpu sse2", "AMD EPYC"),
-])
-def test_processor_name_says_the_vector_unit_and_amx_where_bf16_products_act(flags, shown):
-    cpuinfo = f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n"
-    assert results.processor_name(cpuinfo * 2) == shown

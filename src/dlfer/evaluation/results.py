@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from dlfer.files import atomic_directory, atomic_path, read_json, write_json
+from dlfer.machine import processor_name
 from dlfer.params import VARIANTS
 from dlfer.tracking import flatten
 
@@ -39,29 +39,6 @@ def params_diff(current: dict, baseline: dict) -> dict:
     """Dotted keys whose value in current differs from baseline (keys only in current included)."""
     now, before = flatten(current), flatten(baseline)
     return {key: value for key, value in sorted(now.items()) if before.get(key, object()) != value}
-
-
-def processor_name(cpuinfo: str | None = None) -> str:
-    """The processor's model name, its widest vector unit and AMX where it has it (training speed differs ~2.5x
-    between vector units; oneDNN computes finetune.cpu_math: bf16 in bfloat16 only on AMX, see cpu_kernels).
-
-    cpuinfo: the text of /proc/cpuinfo (read when None).
-    """
-    name, flags = platform.processor() or platform.machine(), set()
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    for line in cpuinfo.splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    units = ["AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None,
-             "AMX" if "amx_bf16" in flags else None]
-    units = [unit for unit in units if unit]
-    return f"{name} ({', '.join(units)})" if units else name
 
 
 def _baseline_params(workspace: Path) -> dict:

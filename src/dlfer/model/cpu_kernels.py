@@ -22,8 +22,9 @@ matmul primitive, the one that honours the mode (tf.matmul of two matrices calls
 not). Storage, batch norm, activations and the optimizer stay float32. It changes rounding, not the function.
 On CPUs without AMX oneDNN keeps its float32 kernels under the mode, AVX512-BF16 ones included: on an AMD EPYC
 (Zen 4) every matmul, convolution and batch-norm primitive of a training step ran an avx512_core
-implementation, and the batch-of-one product form cost the same as the two-matrix one.
-`python bench/train_throughput.py` measures both.
+implementation, and the batch-of-one product form cost the same as the two-matrix one or a little more, so
+train.configure_runtime asks for bf16 products only where the CPU has AMX (dlfer.machine.has_amx).
+`python bench/train_throughput.py` measures both forms on any CPU.
 
 Each computes what the Keras layer computes, up to float32 rounding (tests/test_cpu_kernels.py holds the
 gradients of a whole network against a float64 reference). The layers stay the Keras classes with their own

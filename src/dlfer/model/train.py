@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dlfer import machine
 from dlfer.files import write_json
 from dlfer.model import cpu_kernels
 
@@ -287,10 +288,12 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
                                                    and not custom_loop)
     # The same function, faster on CPUs; a GPU keeps Keras' kernels (cuDNN's are fast there).
     use_cpu_kernels = settings.cpu_kernels == "on" or (settings.cpu_kernels == "auto" and not gpus)
-    # bfloat16 products (float32 sums) where oneDNN computes them: on CPUs with AMX, faster (bench/train_throughput.py);
-    # elsewhere, AVX512-BF16 without AMX (AMD Zen 4) included, oneDNN keeps its float32 kernels. Set here, before
-    # oneDNN's first primitive.
-    bf16_products = use_cpu_kernels and settings.cpu_math == "bf16"
+    # bfloat16 products (float32 sums) where oneDNN computes them, on CPUs with AMX: faster there
+    # (bench/train_throughput.py). Elsewhere, AVX512-BF16 without AMX (AMD Zen 4) included, oneDNN keeps its
+    # float32 kernels under the bf16 mode, so the run computes float32, through the two-matrix product (no slower,
+    # and the runtime then says fp32, what was computed). Set here, before oneDNN's first primitive.
+    bf16_requested = use_cpu_kernels and settings.cpu_math == "bf16"
+    bf16_products = bf16_requested and machine.has_amx()
     if bf16_products:
         cpu_kernels.allow_bf16_products()
     runtime = {"mixed_precision": mixed_precision, "jit_compile": jit_compile, "cpu_kernels": use_cpu_kernels,
@@ -307,7 +310,9 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
         return strategy, runtime  # this process only starts the Ray workers; each says where it trains
     print(f"training on {device}: {runtime['strategy']}, {runtime['replicas']} replica(s), mixed precision "
           f"{'on' if mixed_precision else 'off'}, XLA {'on' if jit_compile else 'off'}, dlfer's CPU kernels "
-          f"{'on' if use_cpu_kernels else 'off'}{' with bfloat16 products' if bf16_products else ''}", flush=True)
+          f"{'on' if use_cpu_kernels else 'off'}{' with bfloat16 products' if bf16_products else ''}"
+          f"{' (cpu_math bf16 acts only on CPUs with AMX: float32 here)' if bf16_requested and not bf16_products else ''}",
+          flush=True)
     return strategy, runtime
 
 
