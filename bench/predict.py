@@ -43,8 +43,8 @@ import numpy as np
 
 from dlfer.deploy import faces, predict
 from dlfer.deploy.export import FILE_NAMES
-from dlfer.machine import processor_name
 from dlfer.fer2013 import EMOTIONS, LABEL_OF_EMOTION
+from dlfer.machine import processor_name
 
 FER2013_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fer2013" / "fer2013.zip"
 PASTE_SIDE = 144

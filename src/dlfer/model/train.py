@@ -29,6 +29,9 @@ from dlfer import machine
 from dlfer.files import write_json
 from dlfer.model import cpu_kernels
 
+# What the start line adds where cpu_math asks for bf16 on a CPU without AMX (see configure_runtime).
+NO_AMX_NOTE = " (cpu_math bf16 acts only on CPUs with AMX: float32 here)"
+
 # ReduceLROnPlateau for lr_schedule=plateau: halve the rate after 2 epochs without improvement.
 PLATEAU_FACTOR = 0.5
 PLATEAU_PATIENCE = 2
@@ -311,8 +314,7 @@ def configure_runtime(settings: TrainingSettings) -> tuple[tf.distribute.Strateg
     print(f"training on {device}: {runtime['strategy']}, {runtime['replicas']} replica(s), mixed precision "
           f"{'on' if mixed_precision else 'off'}, XLA {'on' if jit_compile else 'off'}, dlfer's CPU kernels "
           f"{'on' if use_cpu_kernels else 'off'}{' with bfloat16 products' if bf16_products else ''}"
-          f"{' (cpu_math bf16 acts only on CPUs with AMX: float32 here)' if bf16_requested and not bf16_products else ''}",
-          flush=True)
+          f"{NO_AMX_NOTE if bf16_requested and not bf16_products else ''}", flush=True)
     return strategy, runtime
 
 
