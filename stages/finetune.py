@@ -108,16 +108,17 @@ def evaluate_best(model, images: np.ndarray, labels: np.ndarray) -> dict:
                                            zero_division=0))}
 
 
-def fit_class_bias(model, images: np.ndarray, labels: np.ndarray) -> dict:
-    """Fit the per-class logit offsets on validation macro-F1 and fold them into the model's head; returns the
-    offsets and the validation macro-F1 before and after. The views are each face and its mirror, as evaluate
-    makes them with flip_tta (the default): a finetune param rather than evaluate's, so that switching TTA
-    reruns evaluate only."""
-    bias, before, after = class_bias.fit_class_bias(class_bias.predict_views(model, images, flip_tta=True), labels)
+def fit_class_bias(model, images: np.ndarray, labels: np.ndarray, objective: str) -> dict:
+    """Fit the per-class logit offsets on the validation split's objective (val_macro_f1 or val_accuracy) and
+    fold them into the model's head; returns the offsets and the objective before and after. The views are each
+    face and its mirror, as evaluate makes them with flip_tta (the default): a finetune param rather than
+    evaluate's, so that switching TTA reruns evaluate only."""
+    bias, before, after = class_bias.fit_class_bias(class_bias.predict_views(model, images, flip_tta=True), labels,
+                                                    objective)
     class_bias.add_to_head(model, bias)
-    print(f"finetune: class bias fitted on validation macro-F1 ({before:.4f} -> {after:.4f}): "
+    print(f"finetune: class bias fitted on {objective.replace('val_', 'validation ')} ({before:.4f} -> {after:.4f}): "
           + ", ".join(f"{emotion} {offset:+.2f}" for emotion, offset in zip(EMOTIONS, bias)))
-    return {"class_bias_val_macro_f1_before": before, "class_bias_val_macro_f1_after": after,
+    return {f"class_bias_{objective}_before": before, f"class_bias_{objective}_after": after,
             **{f"class_bias_{emotion}": float(offset) for emotion, offset in zip(EMOTIONS, bias)}}
 
 
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         train.record_run(checkpoint_dir, run.info.run_id, tracking.tracking_uri())
         result = distributed.fit(build, train_split, val_split, settings, checkpoint_dir, len(EMOTIONS),
                                  runtime=runtime, ray=ray, log_to_mlflow=True)
-        bias_metrics = fit_class_bias(result.model, *val_split) if finetune.class_bias == "val_macro_f1" else {}
+        bias_metrics = (fit_class_bias(result.model, *val_split, finetune.class_bias)
+                        if finetune.class_bias != "none" else {})
         # Only what a rerun reproduces, killed and resumed or not, so that DVC sees no change without one.
         metrics = {"train_accuracy": result.best["accuracy"], "val_loss": result.best["val_loss"], **bias_metrics,
                    **evaluate_best(result.model, *val_split), "best_epoch": result.best_epoch,

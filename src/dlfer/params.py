@@ -153,7 +153,7 @@ class FinetuneParams:
         _require_range("finetune.image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
         _require_choice("finetune.channels", self.channels, (1, 3))
         _require_choice("finetune.class_weights", self.class_weights, ("none", "balanced"))
-        _require_choice("finetune.class_bias", self.class_bias, ("none", "val_macro_f1"))
+        _require_choice("finetune.class_bias", self.class_bias, ("none", "val_macro_f1", "val_accuracy"))
         for key in ("mixed_precision", "jit_compile", "cpu_kernels"):
             _require_choice(f"finetune.{key}", getattr(self, key), ("auto", "on", "off"))
         _require_choice("finetune.cpu_math", self.cpu_math, ("fp32", "bf16"))
