@@ -1,7 +1,7 @@
 """Per-class bias of the emotion head, fitted on the validation split (finetune.class_bias).
 
-A classifier trained on a class-balanced set and scored on FER2013's skewed test split answers each class as
-often as if the classes were equally common. Adding a constant b_c to the logit of class c moves every decision
+A classifier trained on a class-balanced set and scored on FER2013's skewed test split answers some classes
+more often, and some less, than the split holds them. Adding a constant b_c to the logit of class c moves every decision
 boundary of that class at once, which is the classic post-hoc fix for a shifted class prior ("logit
 adjustment", Menon et al. 2021). What the fit maximises is a choice, because the two scores pull apart:
 - val_macro_f1: every class counts the same. It raises the classes the model under-predicts (lite0_cpu at 10
